@@ -1,0 +1,179 @@
+"""Temporal LSQ (EfficientDM's TALSQ): one learned (step, zero-point) pair per denoising timestep.
+
+He et al., "EfficientDM: Efficient Quantization-Aware Fine-Tuning of Low-Bit Diffusion Models", ICLR 2024,
+arXiv:2310.03270, Eq. 9: ``S_x = {s_x^0, ..., s_x^{T-1}}``, one activation scale per fine-tuning step.
+
+Deviations from the reference code (ThisisBillhe/EfficientDM@293e212, ``TemporalActivationQuantizer``):
+    * The timestep is explicit: the caller sets it (an int index, a ``(B,)`` index tensor, or sampler timestep
+      values mapped through the stored grid). The reference decrements a hidden per-layer counter on each forward,
+      which breaks on any extra forward. Using the quantizer with no timestep set raises.
+    * The table is one ``(T, *param_shape)`` parameter, not per-step Python lists, and the timestep grid it was
+      trained on is a buffer, so a checkpoint carries everything needed to sample with another step count.
+    * Sampling on a grid that does not nest in the training grid interpolates linearly in timestep between the two
+      nearest entries (the paper says "interpolate"; the reference only subsamples ``[::5]``).
+    * The learned zero-point is rounded (STE) in the forward pass, so the trained model has integer zero-points.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from qat.quantizers.lsq import LSQConfig, LSQQuantizer
+
+__all__ = ["TemporalLSQConfig", "TemporalLSQQuantizer", "grid_position"]
+
+
+@dataclass
+class TemporalLSQConfig(LSQConfig):
+    """Config of :class:`TemporalLSQQuantizer`.
+
+    Args:
+        num_timesteps: ``T``, rows of the table (EfficientDM: 100, the DDIM steps used for fine-tuning).
+    """
+
+    name: ClassVar[str] = "temporal_lsq"
+    num_timesteps: int = 100
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_timesteps < 1:
+            raise ValueError(f"num_timesteps must be >= 1, got {self.num_timesteps}")
+        if self.granularity == "group":
+            raise ValueError("temporal_lsq quantizes activations: granularity must be 'tensor' or 'channel'")
+
+
+def grid_position(grid: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Locates timestep values ``t`` on an ascending ``grid``.
+
+    Args:
+        grid: ``(T,)`` ascending timestep values of the table rows.
+        t: ``(B,)`` or ``()`` sampler timestep values.
+
+    Returns:
+        ``(lo, hi, w)`` with the shape of ``t``: the value at ``t`` is ``(1 - w) * table[lo] + w * table[hi]``.
+        ``w`` is exactly 0 where ``t`` is on the grid, and ``t`` outside ``[grid[0], grid[-1]]`` is clamped to the
+        nearest end.
+    """
+    grid = grid.float()
+    t = t.to(grid.device).float()
+    n = grid.numel()
+    if n == 1:
+        zero = torch.zeros_like(t, dtype=torch.long)
+        return zero, zero, torch.zeros_like(t)
+    tc = t.clamp(grid[0], grid[-1])
+    hi = torch.searchsorted(grid, tc).clamp(1, n - 1)
+    lo = hi - 1
+    w = (tc - grid[lo]) / (grid[hi] - grid[lo])
+    on_hi = w >= 1.0
+    # Put exact grid points on ``lo`` with w == 0 so they index the table without arithmetic.
+    lo = torch.where(on_hi, hi, lo)
+    w = torch.where(on_hi, torch.zeros_like(w), w)
+    return lo, hi, w
+
+
+class TemporalLSQQuantizer(LSQQuantizer):
+    """LSQ / LSQ+ whose step and zero-point are looked up per timestep.
+
+    Parameters: ``step`` and ``zero_point`` of shape ``(T, *param_shape)``; buffer ``timesteps`` ``(T,)``, the
+    ascending sampler timestep values that rows correspond to (default ``0 .. T-1``; :func:`qat.set_timestep_grid`
+    writes the real grid, e.g. DDIM-100's ``1, 11, ..., 991``).
+
+    Before each forward the caller sets the timestep with :meth:`set_timestep_index` (row index: an int, or a
+    ``(B,)`` long tensor so that one batch mixes timesteps) or :meth:`set_timestep` (timestep values, mapped with
+    :func:`grid_position`); :func:`qat.timestep` does it for a whole model. A per-sample index of length ``B``
+    also serves inputs whose batch is ``k * B`` with samples folded batch-major (``repeat_interleave``).
+    """
+
+    def __init__(self, config: TemporalLSQConfig, num_channels: int | None = None, channel_axis: int = 0,
+                 group_count: int | None = None) -> None:
+        super().__init__(config, num_channels, channel_axis, group_count)
+        shape = (config.num_timesteps, *self.param_shape)
+        self.step = nn.Parameter(torch.ones(shape))
+        if config.learn_offset:
+            self.zero_point = nn.Parameter(torch.zeros(shape))
+        else:
+            self.register_buffer("zero_point", torch.zeros(shape))
+        self.register_buffer("timesteps", torch.arange(config.num_timesteps, dtype=torch.float32))
+        self._lo: int | Tensor | None = None
+        self._hi: Tensor | None = None
+        self._w: Tensor | None = None
+
+    # -- timestep selection ---------------------------------------------------------------------------------------
+    def set_timestep_index(self, index: int | Tensor) -> None:
+        """Selects table row(s): an int, or a ``(B,)`` long tensor (one row per sample)."""
+        t_count = self.config.num_timesteps
+        if isinstance(index, Tensor):
+            if index.dtype.is_floating_point or index.dim() > 1:
+                raise TypeError(f"timestep index must be an int or a 1-D integer tensor, got {index.dtype} "
+                                f"{tuple(index.shape)}; use set_timestep for timestep values")
+            if index.numel() and (int(index.min()) < 0 or int(index.max()) >= t_count):
+                raise IndexError(f"timestep index out of range [0, {t_count})")
+            index = index.to(self.step.device)
+        elif not 0 <= int(index) < t_count:
+            raise IndexError(f"timestep index {index} out of range [0, {t_count})")
+        self._lo, self._hi, self._w = index, None, None
+
+    def set_timestep(self, t: float | Tensor) -> None:
+        """Selects rows by sampler timestep value(s) ``t`` (scalar or ``(B,)``), interpolating between rows."""
+        t = torch.as_tensor(t)
+        lo, hi, w = grid_position(self.timesteps, t)
+        if bool((w == 0).all()):
+            self.set_timestep_index(int(lo) if lo.dim() == 0 else lo)
+            return
+        self._lo, self._hi, self._w = lo, hi, w
+
+    def clear_timestep(self) -> None:
+        """Forgets the timestep; the next forward raises until one is set."""
+        self._lo, self._hi, self._w = None, None, None
+
+    @torch.no_grad()
+    def set_grid(self, timesteps: Tensor) -> None:
+        """Stores the ``(T,)`` timestep values of the rows (sorted ascending)."""
+        timesteps = torch.as_tensor(timesteps, dtype=torch.float32).flatten()
+        if timesteps.numel() != self.config.num_timesteps:
+            raise ValueError(f"grid has {timesteps.numel()} timesteps, the table has {self.config.num_timesteps}")
+        self.timesteps.copy_(timesteps.sort().values)
+
+    # -- FakeQuantizer hooks --------------------------------------------------------------------------------------
+    def _rows_for(self, table: Tensor, x: Tensor) -> Tensor:
+        if self._w is None:
+            rows = table[self._lo]
+        else:
+            w = self._w.reshape(*self._w.shape, *([1] * len(self.param_shape))).to(table.dtype)
+            rows = table[self._lo] * (1 - w) + table[self._hi] * w
+        if rows.dim() > len(self.param_shape) and rows.shape[0] != x.shape[0]:
+            b = rows.shape[0]
+            if x.shape[0] % b:
+                raise ValueError(f"per-sample timestep of length {b} does not fit an input batch of {x.shape[0]}")
+            rows = rows.repeat_interleave(x.shape[0] // b, dim=0)
+        return rows
+
+    def _step_zero(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self._lo is None:
+            raise RuntimeError(
+                "TemporalLSQQuantizer used with no timestep set: wrap the model call in "
+                "`with qat.timestep(model, t):` (or call qat.set_timestep / set_timestep_index first)"
+            )
+        step = self._rows_for(self.step, x)
+        zero = self._rows_for(self.zero_point, x)
+        return self._scaled(step, x), zero
+
+    @torch.no_grad()
+    def _write_init(self, step: Tensor, zero_point: Tensor) -> None:
+        self.step.copy_(step.expand_as(self.step))
+        self.zero_point.copy_(zero_point.expand_as(self.zero_point))
+
+    @torch.no_grad()
+    def initialize_from_rows_(self, rows: Tensor, index: int | None = None) -> None:
+        """Initialises every row (``index=None``) or only table row ``index`` from ``(R, N)`` data rows."""
+        step, zero = self._search_rows(rows)
+        if index is None:
+            self._write_init(step, zero)
+        else:
+            self.step[index] = step
+            self.zero_point[index] = zero
+        self.initialized.fill_(True)

@@ -1,0 +1,42 @@
+"""Uniform affine quantizer with a fixed (calibrated, not learned) step and zero-point."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from qat.quantizers.base import FakeQuantizer, QuantizerConfig
+
+__all__ = ["UniformConfig", "UniformQuantizer"]
+
+
+@dataclass
+class UniformConfig(QuantizerConfig):
+    """Config of :class:`UniformQuantizer`; all fields are those of :class:`QuantizerConfig`."""
+
+    name: ClassVar[str] = "uniform"
+
+
+class UniformQuantizer(FakeQuantizer):
+    """Eq. (1) of :mod:`qat.quantizers.base` with ``step`` and ``zero_point`` as buffers.
+
+    The step and zero-point come from :meth:`initialize_` (min-max or MSE search) and receive no gradient; the
+    input gets the STE gradient ``1`` inside the clipping range and ``0`` outside. This is the static PTQ
+    quantizer, e.g. EfficientDM's frozen W8A8 first/last layers.
+    """
+
+    def __init__(self, config: UniformConfig, num_channels: int | None = None, channel_axis: int = 0,
+                 group_count: int | None = None) -> None:
+        super().__init__(config, num_channels, channel_axis, group_count)
+        self.register_buffer("step", torch.ones(self.param_shape))
+        self.register_buffer("zero_point", torch.zeros(self.param_shape))
+
+    def _step_zero(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.step, self.zero_point
+
+    def _write_init(self, step: Tensor, zero_point: Tensor) -> None:
+        self.step.copy_(step)
+        self.zero_point.copy_(zero_point)

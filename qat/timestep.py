@@ -1,0 +1,104 @@
+"""Model-level control of temporal quantizers: the timestep is explicit input, never a hidden counter.
+
+Typical use::
+
+    qat.set_timestep_grid(student, scheduler.timesteps)     # once: the grid the tables are trained on
+    with qat.timestep(student, t):                          # t: scalar or (B,) sampler timestep values
+        eps = student(x_t, t, encoder_hidden_states=ctx).sample
+
+For diffusers pipelines, :func:`attach_timestep_hook` reads the ``timestep`` argument of every forward call of a
+denoiser, so the same student samples with any scheduler and step count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from qat.quantizers.temporal_lsq import TemporalLSQQuantizer
+
+__all__ = [
+    "temporal_quantizers",
+    "set_timestep",
+    "set_timestep_index",
+    "clear_timestep",
+    "timestep",
+    "timestep_index",
+    "set_timestep_grid",
+    "attach_timestep_hook",
+]
+
+
+def temporal_quantizers(model: nn.Module) -> list[TemporalLSQQuantizer]:
+    """All :class:`TemporalLSQQuantizer` modules of ``model``."""
+    return [m for m in model.modules() if isinstance(m, TemporalLSQQuantizer)]
+
+
+def set_timestep(model: nn.Module, t: float | Tensor) -> None:
+    """Sets sampler timestep value(s) ``t`` (scalar or ``(B,)``) on every temporal quantizer of ``model``."""
+    t = torch.as_tensor(t)
+    for q in temporal_quantizers(model):
+        q.set_timestep(t)
+
+
+def set_timestep_index(model: nn.Module, index: int | Tensor) -> None:
+    """Sets the table row index (int or ``(B,)`` long tensor) on every temporal quantizer of ``model``."""
+    for q in temporal_quantizers(model):
+        q.set_timestep_index(index)
+
+
+def clear_timestep(model: nn.Module) -> None:
+    """Unsets the timestep everywhere; a later forward without a timestep raises."""
+    for q in temporal_quantizers(model):
+        q.clear_timestep()
+
+
+@contextmanager
+def timestep(model: nn.Module, t: float | Tensor) -> Iterator[None]:
+    """Context manager: :func:`set_timestep` on entry, :func:`clear_timestep` on exit."""
+    set_timestep(model, t)
+    try:
+        yield
+    finally:
+        clear_timestep(model)
+
+
+@contextmanager
+def timestep_index(model: nn.Module, index: int | Tensor) -> Iterator[None]:
+    """Context manager: :func:`set_timestep_index` on entry, :func:`clear_timestep` on exit."""
+    set_timestep_index(model, index)
+    try:
+        yield
+    finally:
+        clear_timestep(model)
+
+
+def set_timestep_grid(model: nn.Module, timesteps: Tensor | list[int]) -> None:
+    """Stores the ``(T,)`` timestep values that the table rows stand for (e.g. a DDIM scheduler's timesteps)."""
+    for q in temporal_quantizers(model):
+        q.set_grid(torch.as_tensor(timesteps))
+
+
+def attach_timestep_hook(model: nn.Module, arg_index: int = 1, kwarg: str = "timestep") -> RemovableHandle:
+    """Makes every ``model(sample, timestep, ...)`` call set the temporal quantizers from its ``timestep`` input.
+
+    Diffusers denoisers (``UNet2DConditionModel``, ``UNet2DModel``, ``DiTTransformer2DModel``...) take the timestep
+    as the second positional argument or the ``timestep`` keyword; a scalar is used for the whole batch and a
+    ``(B,)`` tensor per sample. The timestep is still an explicit input: it is read from the call, not counted.
+
+    Returns:
+        the hook handle; ``handle.remove()`` detaches it.
+    """
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        t = kwargs[kwarg] if kwarg in kwargs else args[arg_index] if len(args) > arg_index else None
+        if t is None:
+            raise ValueError(f"{type(module).__name__} was called without a {kwarg!r} argument")
+        set_timestep(module, t)
+
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
