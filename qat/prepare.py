@@ -181,7 +181,9 @@ def prepare(model: nn.Module, spec: QuantSpec) -> PrepareReport:
         if not hits:
             raise ValueError(f"attention_patterns: pattern {p!r} matches no diffusers Attention module")
         for name in hits:
-            model.get_submodule(name).set_processor(QuantAttnProcessor(spec.attention_act))
+            attn = model.get_submodule(name)
+            device = next(attn.parameters()).device  # the processor's quantizers live with the attention weights
+            attn.set_processor(QuantAttnProcessor(spec.attention_act).to(device))
             report.attention.append(name)
 
     if lora_targets:

@@ -32,7 +32,8 @@ def grad_scale(x: Tensor, scale: float | Tensor) -> Tensor:
     the number of elements that share one step and ``Q_p`` the largest positive integer level.
     """
     y = x * scale
-    return (x - y).detach() + y
+    # ``x.detach() + (y - y.detach())`` is exactly ``x`` in floating point; ``(x - y).detach() + y`` can be 1 ulp off.
+    return x.detach() + (y - y.detach())
 
 
 def sign_ste(x: Tensor) -> Tensor:

@@ -58,11 +58,12 @@ class QuantAttnProcessor(nn.Module):
         if input_ndim == 4:
             b, c, h, w = hidden_states.shape
             hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)  # (B, HW, C)
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        batch_size, seq_len, _ = context.shape
+        batch_size, seq_len, _ = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape
         attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch_size)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        # Self-attention keys/values come from the *normalised* hidden states, as in diffusers' AttnProcessor.
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         if encoder_hidden_states is not None and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
 

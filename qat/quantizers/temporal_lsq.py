@@ -143,7 +143,7 @@ class TemporalLSQQuantizer(LSQQuantizer):
         if self._w is None:
             rows = table[self._lo]
         else:
-            w = self._w.reshape(*self._w.shape, *([1] * len(self.param_shape))).to(table.dtype)
+            w = self._w.reshape(tuple(self._w.shape) + (1,) * len(self.param_shape)).to(table.dtype)
             rows = table[self._lo] * (1 - w) + table[self._hi] * w
         if rows.dim() > len(self.param_shape) and rows.shape[0] != x.shape[0]:
             b = rows.shape[0]

@@ -1,0 +1,45 @@
+"""A tiny random class-conditional teacher on disk (diffusers layout), shared by the training-system tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+
+from train.models import ClassEmbedder
+
+
+def make_tiny_teacher(root: Path, seed: int = 0) -> Path:
+    """Saves ``unet/``, ``class_embedder/`` and ``scheduler/`` of a ~50k-parameter 8x8 teacher into ``root``."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=8, attention_head_dim=1, norm_num_groups=4,
+    )
+    ClassEmbedder(num_classes=10, embed_dim=8).save_pretrained(str(root / "class_embedder"))
+    unet.save_pretrained(str(root / "unet"))
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(str(root / "scheduler"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_teacher(tmp_path_factory.mktemp("tiny_teacher"))
+
+
+def fast_overrides(teacher: Path, out: Path, steps: int = 2) -> list[str]:
+    """Overrides that shrink any recipe to seconds on a CPU with the tiny teacher."""
+    return [
+        f"teacher.path={teacher}", f"output_dir={out}", f"trainer.max_steps={steps}",
+        "trainer.accelerator=cpu", "trainer.devices=1", "trainer.enable_progress_bar=false",
+        "trainer.precision=32-true", "trainer.log_every_n_steps=1",
+        "trajectories.num_steps=4", "efficientdm.num_timesteps=4", "efficientdm.lora_rank=4",
+        "trajectories.batch_size=2", "trajectories.num_trajectories=4", "trajectories.shard_size=2",
+        "calibration.num_trajectories=2", "calibration.num_steps=4", "calibration.max_batches=4",
+        "monitor.sample_every_n_steps=0", "monitor.sample_labels=[0,1]", "monitor.sample_steps=4",
+        "monitor.telemetry_every_n_steps=1", "monitor.checkpoint_every_n_steps=1",
+        "eval.num_trajectories=2", "eval.num_steps=4", "eval.enabled=false",
+    ]

@@ -1,0 +1,172 @@
+"""End-to-end runs of train.py's pipeline on a tiny random teacher: smoke, online/cached data, resume equivalence."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.train.conftest import fast_overrides
+from train.cli import build_student, main
+from train.config import CONFIG_DIR, load_config
+from train.system import DistillQATSystem
+from train.teacher import load_teacher
+
+
+def _events(run: Path) -> EventAccumulator:
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    return acc
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in CONFIG_DIR.glob("*.yaml")))
+def test_two_step_smoke_run_of_each_recipe(recipe: str, tiny_teacher: Path, tmp_path: Path) -> None:
+    run = main([f"config={recipe}", *fast_overrides(tiny_teacher, tmp_path / "run"), "eval.enabled=true"])
+    assert (run / "config.yaml").is_file()
+    assert load_config([f"config={run / 'config.yaml'}"]).trainer.max_steps == 2  # the saved config reloads
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    state = load_file(str(run / "student" / "student.safetensors"))
+    assert any("lora_B" in k for k in state) and any("act_quantizer.step" in k for k in state)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["ptq"]["eps_mse"] > 0 and summary["qat"]["eps_mse"] > 0
+    acc = _events(run)
+    tags = acc.Tags()
+    assert "train/loss" in tags["scalars"] and "train/grad_norm" in tags["scalars"]
+    assert any(t.startswith("train_loss_by_t/") for t in tags["scalars"])
+    assert "lr/lora_mean" in tags["scalars"] and "quant/act_clipped_fraction" in tags["scalars"]
+    assert "samples/teacher_top_student_bottom" in tags["images"]
+
+
+def test_missing_teacher_weights_say_what_to_put_where(tmp_path: Path) -> None:
+    (tmp_path / "teacher" / "unet").mkdir(parents=True)
+    (tmp_path / "teacher" / "unet" / "config.json").write_text("{}")
+    cfg = load_config(["config=efficientdm_digits.yaml", f"teacher.path={tmp_path / 'teacher'}"])
+    with pytest.raises(FileNotFoundError, match=r"denoiser weights not found .*diffusion_pytorch_model\.safetensors"):
+        load_teacher(cfg.teacher)
+    cfg = load_config(["config=efficientdm_digits.yaml", f"teacher.path={tmp_path / 'nothing'}"])
+    with pytest.raises(FileNotFoundError, match=r"teacher directory \(teacher\.path\) not found"):
+        load_teacher(cfg.teacher)
+
+
+@pytest.mark.parametrize("mode", ["online", "cached"])
+def test_training_reduces_the_loss_in_both_modes(mode: str, tiny_teacher: Path, tmp_path: Path) -> None:
+    run = main(["config=efficientdm_digits.yaml", *fast_overrides(tiny_teacher, tmp_path / mode, steps=16),
+                f"trajectories.mode={mode}", "monitor.checkpoint_every_n_steps=100", "eval.enabled=true",
+                "optim.lora_lr=0.02", "optim.act_step_lr=1e-3"])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["qat"]["eps_mse"] < summary["ptq"]["eps_mse"]
+    if mode == "cached":
+        manifest = json.loads((run / "trajectories" / "manifest.json").read_text())
+        assert manifest["num_trajectories"] == 4 and manifest["guidance_scale"] == 1.5
+        assert len(manifest["shards"]) == 2
+
+
+def test_cached_batches_mix_timesteps(tiny_teacher: Path, tmp_path: Path) -> None:
+    from train.trajectories import CachedTrajectories, generate_cache
+
+    cfg = load_config(["config=efficientdm_digits.yaml", *fast_overrides(tiny_teacher, tmp_path)])
+    teacher = load_teacher(cfg.teacher)
+    manifest = generate_cache(teacher, str(tiny_teacher), tmp_path / "cache", 4, 1.0, 1.5, 0, 4, 2, "cpu",
+                              progress=False)
+    data = CachedTrajectories(manifest, batch_size=8, seed=0)
+    assert data.size == 16  # 4 trajectories x 4 steps
+    batch = data.next_batch(teacher, "cpu")
+    assert batch.t.unique().numel() > 1
+    # A second generation over the same directory is a no-op resume; other settings are refused.
+    assert generate_cache(teacher, str(tiny_teacher), tmp_path / "cache", 4, 1.0, 1.5, 0, 4, 2, "cpu",
+                          progress=False) == manifest
+    with pytest.raises(ValueError, match="made with other settings"):
+        generate_cache(teacher, str(tiny_teacher), tmp_path / "cache", 4, 1.0, 2.0, 0, 4, 2, "cpu", progress=False)
+
+
+def test_interrupted_generation_resumes_without_duplicates(tiny_teacher: Path, tmp_path: Path) -> None:
+    from train.trajectories import generate_cache
+
+    cfg = load_config(["config=efficientdm_digits.yaml", *fast_overrides(tiny_teacher, tmp_path)])
+    teacher = load_teacher(cfg.teacher)
+    full = generate_cache(teacher, "t", tmp_path / "full", 4, 1.0, 1.5, 0, 6, 2, "cpu", progress=False)
+    # Simulate a kill after the first shard: keep only shard 0 (and a stale temp file) in a second cache.
+    part = tmp_path / "part"
+    part.mkdir()
+    (part / "cache_spec.json").write_bytes((tmp_path / "full" / "cache_spec.json").read_bytes())
+    (part / "shard-00000.safetensors").write_bytes((tmp_path / "full" / "shard-00000.safetensors").read_bytes())
+    (part / "shard-00001.tmp").write_bytes(b"partial write")
+    resumed = generate_cache(teacher, "t", part, 4, 1.0, 1.5, 0, 6, 2, "cpu", progress=False)
+    for name in json.loads(full.read_text())["shards"]:
+        a, b = load_file(str(tmp_path / "full" / name)), load_file(str(resumed.parent / name))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_trajectories_do_not_depend_on_process_count(tiny_teacher: Path, tmp_path: Path) -> None:
+    from train.trajectories import generate_cache
+
+    cfg = load_config(["config=efficientdm_digits.yaml", *fast_overrides(tiny_teacher, tmp_path)])
+    teacher = load_teacher(cfg.teacher)
+    one = generate_cache(teacher, "t", tmp_path / "one", 4, 1.0, 1.5, 0, 4, 2, "cpu", progress=False)
+    # Two "processes": rank 1 first writes its shard, then rank 0 completes the cache.
+    two = tmp_path / "two"
+    generate_cache(teacher, "t", two, 4, 1.0, 1.5, 0, 4, 2, "cpu", rank=0, world_size=2, progress=False,
+                   wait_timeout=0.0) if False else None
+    import threading
+
+    t1 = threading.Thread(target=generate_cache, args=(teacher, "t", two, 4, 1.0, 1.5, 0, 4, 2, "cpu"),
+                          kwargs={"rank": 1, "world_size": 2, "progress": False})
+    t1.start()
+    generate_cache(teacher, "t", two, 4, 1.0, 1.5, 0, 4, 2, "cpu", rank=0, world_size=2, progress=False)
+    t1.join()
+    for name in json.loads(one.read_text())["shards"]:
+        a, b = load_file(str(one.parent / name)), load_file(str(two / name))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _Killed(RuntimeError):
+    pass
+
+
+def test_resume_equals_straight_run(tiny_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    n, k = 6, 3
+    args = ["config=efficientdm_digits.yaml", "trainer.deterministic=true"]
+    straight = main([*args, *fast_overrides(tiny_teacher, tmp_path / "straight", steps=n)])
+
+    original = DistillQATSystem.training_step
+
+    def dies_after_k(self: DistillQATSystem, batch: object, batch_idx: int) -> torch.Tensor:
+        if self.global_step == k:
+            raise _Killed("simulated kill")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(DistillQATSystem, "training_step", dies_after_k)
+    with pytest.raises(_Killed):
+        main([*args, *fast_overrides(tiny_teacher, tmp_path / "killed", steps=n)])
+    monkeypatch.setattr(DistillQATSystem, "training_step", original)
+    resumed = main([*args, *fast_overrides(tiny_teacher, tmp_path / "killed", steps=n), "resume=last"])
+
+    a = load_file(str(straight / "student" / "student.safetensors"))
+    b = load_file(str(resumed / "student" / "student.safetensors"))
+    assert a.keys() == b.keys()
+    worst = max(float((a[key].float() - b[key].float()).abs().max()) for key in a)
+    assert worst <= 1e-6, worst
+    # the run really was interrupted: the trained LoRA differs from the PTQ start
+    assert any("lora_B" in key and a[key].abs().sum() > 0 for key in a)
+
+
+def test_resume_from_mismatched_checkpoint_is_refused(tiny_teacher: Path, tmp_path: Path) -> None:
+    run = main(["config=efficientdm_digits.yaml", *fast_overrides(tiny_teacher, tmp_path / "a", steps=1)])
+    with pytest.raises(ValueError, match=r"does not match the configured student"):
+        main(["config=efficientdm_digits.yaml", *fast_overrides(tiny_teacher, tmp_path / "b", steps=2),
+              "efficientdm.lora_rank=2", f"resume={run / 'checkpoints' / 'last.ckpt'}"])
+
+
+def test_student_reloads_from_saved_safetensors(tiny_teacher: Path, tmp_path: Path) -> None:
+    import qat
+
+    run = main(["config=efficientdm_digits.yaml", *fast_overrides(tiny_teacher, tmp_path / "r", steps=2)])
+    cfg = load_config([f"config={run / 'config.yaml'}"])
+    teacher = load_teacher(cfg.teacher)
+    student, _ = build_student(cfg, teacher)
+    student.load_state_dict(load_file(str(run / "student" / "student.safetensors")), strict=True)
+    assert qat.is_initialized(student)

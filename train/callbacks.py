@@ -1,0 +1,122 @@
+"""Optional monitoring: teacher-vs-student sample grids and quantizer telemetry in TensorBoard."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+import qat
+from train.trajectories import sample, trajectory_start
+
+__all__ = ["SampleGrid", "QuantizerTelemetry", "make_grid"]
+
+
+def make_grid(rows: list[Tensor]) -> Tensor:
+    """Stacks image batches ``(B, C, H, W)`` in ``[-1, 1]`` as grid rows; returns ``(3, H', W')`` in ``[0, 1]``."""
+    rows = [r.clamp(-1, 1).add(1).div(2) for r in rows]
+    b, c, h, w = rows[0].shape
+    grid = torch.ones(3, len(rows) * (h + 1) + 1, b * (w + 1) + 1)
+    for i, r in enumerate(rows):
+        r3 = r.expand(-1, 3, -1, -1) if c == 1 else r[:, :3]
+        for j in range(b):
+            grid[:, 1 + i * (h + 1) : 1 + i * (h + 1) + h, 1 + j * (w + 1) : 1 + j * (w + 1) + w] = r3[j].cpu()
+    return grid
+
+
+class SampleGrid(L.Callback):
+    """Every ``every_n_steps`` (and at the end) logs a grid: teacher samples on top, student samples below.
+
+    Both sample from the same fixed noise and labels (DDIM, eta 0), so rows are directly comparable.
+    """
+
+    def __init__(self, every_n_steps: int, labels: list[int], num_steps: int, guidance: float,
+                 seed: int = 2024) -> None:
+        self.every_n_steps, self.label_list, self.num_steps, self.guidance = every_n_steps, labels, num_steps, guidance
+        self.seed = seed
+        self._teacher_rows: Tensor | None = None
+
+    @torch.no_grad()
+    def log_grid(self, trainer: L.Trainer, module: Any) -> None:
+        if trainer.global_rank != 0 or trainer.logger is None:
+            return
+        teacher = module.teacher
+        labels = torch.tensor(self.label_list, device=module.device) % max(teacher.num_classes, 1)
+        noise = torch.cat([trajectory_start(teacher, i, self.seed)[1] for i in range(len(labels))]).to(module.device)
+        if self._teacher_rows is None:
+            self._teacher_rows, _ = sample(teacher.unet, teacher, labels, noise, self.num_steps, self.guidance)
+        was = module.student.training
+        module.student.eval()
+        student_rows, _ = sample(module.student, teacher, labels, noise, self.num_steps, self.guidance)
+        module.student.train(was)
+        grid = make_grid([self._teacher_rows, student_rows])
+        trainer.logger.experiment.add_image("samples/teacher_top_student_bottom", grid, trainer.global_step)
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: Any, *args: Any) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self.log_grid(trainer, module)
+
+    def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
+        self.log_grid(trainer, module)
+
+
+class QuantizerTelemetry(L.Callback):
+    """Every ``every_n_steps``: step statistics per quantizer kind and the fraction of clipped inputs.
+
+    Logged: histograms of weight steps (per layer means) and activation steps (all table entries), the mean
+    fraction of activations clipped by their quantizer (measured on that step's batch), and of weights.
+    """
+
+    def __init__(self, every_n_steps: int) -> None:
+        self.every_n_steps = every_n_steps
+        self._handles: list[Any] = []
+        self._clipped: list[float] = []
+
+    def _active(self, trainer: L.Trainer) -> bool:
+        return bool(self.every_n_steps) and trainer.global_step % self.every_n_steps == 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: Any, *args: Any) -> None:
+        if not self._active(trainer):
+            return
+        for layer in qat.quant_layers(module.student).values():
+            q = layer.act_quantizer
+            if q is not None and q.enabled:
+                self._handles.append(q.register_forward_hook(self._record))
+
+    def _record(self, q: Any, args: tuple[Tensor, ...], out: Tensor) -> None:
+        with torch.no_grad():
+            xv, step, zero = q._grid(args[0].detach().float())
+            codes = xv / step + zero
+            self._clipped.append(float(((codes < q.q_min - 0.5) | (codes > q.q_max + 0.5)).float().mean()))
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer: L.Trainer, module: Any, *args: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if not self._active(trainer) or trainer.logger is None:
+            return
+        exp = trainer.logger.experiment
+        step = trainer.global_step
+        w_steps, a_steps, w_clip = [], [], []
+        for layer in qat.quant_layers(module.student).values():
+            if layer.weight_quantizer is not None:
+                wq = layer.weight_quantizer
+                w_steps.append(float(wq.step.abs().mean()))
+                codes = wq.integer_codes(layer.weight)  # already clipped; compare with unclipped codes
+                xv, s, z = wq._grid(layer.weight.float())
+                raw = (xv / s + z).reshape(codes.shape)
+                w_clip.append(float(((raw < wq.q_min - 0.5) | (raw > wq.q_max + 0.5)).float().mean()))
+            if layer.act_quantizer is not None and hasattr(layer.act_quantizer, "step"):
+                a_steps.append(layer.act_quantizer.step.detach().flatten().cpu())
+        if w_steps:
+            exp.add_histogram("quant/weight_step_mean_per_layer", torch.tensor(w_steps), step)
+            exp.add_scalar("quant/weight_clipped_fraction", sum(w_clip) / len(w_clip), step)
+        if a_steps:
+            exp.add_histogram("quant/act_steps", torch.cat(a_steps), step)
+        if self._clipped:
+            exp.add_scalar("quant/act_clipped_fraction", sum(self._clipped) / len(self._clipped), step)
+            exp.add_histogram("quant/act_clipped_fraction_per_layer", torch.tensor(self._clipped), step)
+        self._clipped = []

@@ -1,0 +1,216 @@
+"""``train.py config=<recipe> key=value ...``: data-free QAT of a diffusion model, end to end.
+
+Steps: (1) load and validate the config, (2) load the teacher, (3) build the student, (4) PTQ-calibrate it (or
+restore it from the checkpoint being resumed), (5) measure the PTQ starting point, (6) train with Lightning,
+(7) save the student and a quality summary. Works under ``python``, ``torchrun`` and ``accelerate launch`` (each
+process reads its rank from the launcher's environment; Lightning sets up the process group).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+
+import qat
+from qat.methods import METHODS
+from train.callbacks import QuantizerTelemetry, SampleGrid
+from train.config import ConfigError, RunConfig, load_config, to_yaml
+from train.evaluate import HeldOut, heldout_eps_mse, sample_fidelity
+from train.system import DistillQATSystem
+from train.teacher import Teacher, load_teacher
+from train.trajectories import CachedTrajectories, OnlineTrajectories, _trajectories, generate_cache, guided_eps
+
+__all__ = ["main", "build_student", "calibrate_student", "save_student"]
+
+
+def _dist_env() -> tuple[int, int, int]:
+    """``(rank, local_rank, world_size)`` from torchrun / accelerate / SLURM environment variables."""
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+    local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+    return rank, local, world
+
+
+def _device(cfg: RunConfig, local_rank: int) -> torch.device:
+    if cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def build_student(cfg: RunConfig, teacher: Teacher) -> tuple[torch.nn.Module, str]:
+    """The method's student (quantizers not yet initialised) with the trajectory grid on its temporal tables."""
+    student, report = METHODS.get(cfg.method)(teacher.unet, cfg.efficientdm)
+    qat.set_timestep_grid(student, teacher.ddim(cfg.trajectories.num_steps).timesteps)
+    return student.float(), str(report)
+
+
+def calibrate_student(cfg: RunConfig, student: torch.nn.Module, teacher: Teacher, device: torch.device) -> None:
+    """PTQ initialisation on the teacher's calibration trajectories (seeds disjoint from training)."""
+    c, tr = cfg.calibration, cfg.trajectories
+    data = _trajectories(teacher, list(range(c.num_trajectories)), c.num_steps, tr.eta, tr.guidance_scale,
+                         c.seed, device)
+    n = c.num_trajectories
+    steps = torch.linspace(0, c.num_steps - 1, min(c.max_batches, c.num_steps)).round().long().unique()
+    batches = [slice(int(s) * n, (int(s) + 1) * n) for s in steps]  # step-major layout
+
+    def forward(model: torch.nn.Module, sl: slice) -> None:
+        x, t = data["x"][sl].to(device), data["t"][sl].to(device)
+        cond, uncond = teacher.contexts(data["labels"][sl].to(device))
+        guided_eps(model, x, t, cond, uncond, tr.guidance_scale)
+
+    qat.calibrate(student, batches, forward, per_timestep=c.per_timestep)
+
+
+def _resume_path(cfg: RunConfig, out: Path) -> str | None:
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "last":
+        last = out / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise ConfigError(f"resume: 'last' but {last} does not exist; start without resume= or point resume= "
+                              "at a checkpoint file")
+        return str(last)
+    return cfg.resume
+
+
+def _restore_student(student: torch.nn.Module, ckpt: str) -> None:
+    """Loads the student's weights and quantizer state from a Lightning checkpoint (tensors only, no pickle)."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    sub = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
+    hint = "was it written with another method, rank or bit-width config?"
+    try:
+        missing, unexpected = student.load_state_dict(sub, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"checkpoint {ckpt} does not match the configured student ({hint}): "
+                         f"{str(err).splitlines()[1].strip()}") from None
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {ckpt} does not match the configured student: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}; {hint}")
+
+
+def _evaluate(model: torch.nn.Module, held: HeldOut | None, cfg: RunConfig, teacher: Teacher,
+              reference: torch.Tensor | None) -> tuple[dict[str, Any], torch.Tensor]:
+    metrics: dict[str, Any] = heldout_eps_mse(model, held) if held is not None else {}
+    fid, samples = sample_fidelity(model, teacher, len(cfg.monitor.sample_labels), cfg.eval.num_steps,
+                                   cfg.trajectories.guidance_scale, cfg.eval.seed, reference)
+    metrics.update(fid)
+    return metrics, samples
+
+
+def _write_summary(out: Path, cfg: RunConfig, ptq: dict[str, Any], trained: dict[str, Any], seconds: float) -> None:
+    summary = {"method": cfg.method, "bits": f"W{cfg.efficientdm.weight_bits}A{cfg.efficientdm.act_bits}",
+               "teacher": cfg.teacher.path, "train_steps": cfg.trainer.max_steps, "wall_time_s": round(seconds, 1),
+               "ptq": ptq, "qat": trained}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    rows = [("held-out eps-MSE vs teacher", "eps_mse"), ("final-sample MSE vs teacher", "sample_mse"),
+            ("final-sample PSNR vs teacher (dB)", "psnr_vs_fp")]
+    lines = [f"# {cfg.method} {summary['bits']} on {cfg.teacher.path}", "", "| metric | PTQ start | trained |",
+             "|---|---|---|"]
+    for label, key in rows:
+        if key in ptq or key in trained:
+            lines.append(f"| {label} | {ptq.get(key, float('nan')):.6g} | {trained.get(key, float('nan')):.6g} |")
+    lines.append(f"\n{cfg.trainer.max_steps} training steps in {seconds:.0f} s.")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Runs one training job; returns the run directory."""
+    start = time.time()
+    cfg = load_config(sys.argv[1:] if argv is None else argv)  # 1. fails here, before any model is built
+    rank, local_rank, world = _dist_env()
+    out = resolve_out(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        (out / "config.yaml").write_text(to_yaml(cfg))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    device = _device(cfg, local_rank)
+    ckpt = _resume_path(cfg, out)
+
+    teacher = load_teacher(cfg.teacher, device)  # 2.
+    student, report = build_student(cfg, teacher)  # 3.
+    student.to(device)
+    if rank == 0:
+        (out / "prepare_report.txt").write_text(report + "\n")
+    if ckpt is not None:  # 4. a resumed run restores quantizer state; it never re-calibrates
+        _restore_student(student, ckpt)
+    else:
+        calibrate_student(cfg, student, teacher, device)
+
+    tr = cfg.trajectories
+    held = None
+    ptq_path = out / "ptq_eval.json"
+    if cfg.eval.enabled and rank == 0:  # 5.
+        held = HeldOut(teacher, cfg.eval.num_trajectories, cfg.eval.num_steps, tr.eta, tr.guidance_scale,
+                       cfg.eval.seed, device)
+        if ptq_path.exists() and ckpt is not None:
+            ptq = json.loads(ptq_path.read_text())
+        else:
+            ptq, ptq_samples = _evaluate(student, held, cfg, teacher, None)
+            ptq_path.write_text(json.dumps(ptq, indent=2))
+
+    if tr.mode == "online":
+        data: OnlineTrajectories | CachedTrajectories = OnlineTrajectories(
+            teacher, tr.num_steps, tr.eta, tr.guidance_scale, tr.batch_size, tr.seed, rank, world)
+    else:
+        cache_dir = Path(tr.cache_dir) if tr.cache_dir else out / "trajectories"
+        manifest = generate_cache(teacher, cfg.teacher.path, cache_dir, tr.num_steps, tr.eta, tr.guidance_scale,
+                                  tr.seed, tr.num_trajectories, tr.shard_size, device, rank, world,
+                                  progress=cfg.trainer.enable_progress_bar)
+        data = CachedTrajectories(manifest, tr.batch_size, tr.seed, rank, world)
+
+    system = DistillQATSystem(teacher, student, data, cfg.optim, tr.guidance_scale, tr.loss_target,
+                              int(teacher.scheduler.config.num_train_timesteps), cfg.monitor.timestep_buckets)
+    m = cfg.monitor
+    callbacks = [
+        ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, every_n_train_steps=m.checkpoint_every_n_steps,
+                        save_top_k=1, enable_version_counter=False),
+        SampleGrid(m.sample_every_n_steps, list(m.sample_labels), m.sample_steps, tr.guidance_scale),
+        QuantizerTelemetry(m.telemetry_every_n_steps),
+    ]
+    logger = TensorBoardLogger(str(out), name="tensorboard", version="")
+    trainer = L.Trainer(**dataclasses.asdict(cfg.trainer), default_root_dir=str(out), logger=logger,
+                        callbacks=callbacks, num_sanity_val_steps=0)
+    # The batches come from the trajectory source inside the system; the loader only counts steps.
+    steps = DataLoader(range(cfg.trainer.max_steps), batch_size=None, shuffle=False)
+    trainer.fit(system, train_dataloaders=steps, ckpt_path=ckpt, weights_only=True)  # 6.
+
+    if trainer.global_rank == 0:  # 7.
+        save_student(student, teacher, out / "student", cfg)
+        if held is not None:
+            trained, qat_samples = _evaluate(student, held, cfg, teacher, None)
+            _write_summary(out, cfg, ptq, trained, time.time() - start)
+            logger.experiment.add_scalar("eval/heldout_eps_mse_ptq", ptq["eps_mse"], trainer.global_step)
+            logger.experiment.add_scalar("eval/heldout_eps_mse_qat", trained["eps_mse"], trainer.global_step)
+            logger.experiment.flush()
+            print(f"held-out eps-MSE vs teacher: PTQ {ptq['eps_mse']:.6g} -> trained {trained['eps_mse']:.6g}")
+    return out
+
+
+def resolve_out(cfg: RunConfig) -> Path:
+    return Path(os.path.expanduser(cfg.output_dir))
+
+
+def save_student(student: torch.nn.Module, teacher: Teacher, path: Path, cfg: RunConfig) -> None:
+    """The trained fake-quantized student: safetensors state dict (LoRA unmerged), the denoiser config, the recipe.
+
+    Reload: build the student from the same config (``build_student``) and ``load_state_dict`` the safetensors.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}
+    save_file(state, str(path / "student.safetensors"), metadata={"method": cfg.method})
+    teacher.unet.save_config(str(path))
+    (path / "run_config.yaml").write_text(to_yaml(cfg))
+
+

@@ -1,0 +1,347 @@
+"""Run configuration: a dataclass schema (the source of truth), YAML recipes and ``key=value`` overrides.
+
+``load_config(["config=efficientdm_digits.yaml", "trainer.max_steps=20"])`` merges, in order, the schema defaults,
+the recipe (found in ``configs/`` by name, or by path) and the overrides, then validates everything before any
+model is built. Every error names the full key and the allowed values.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from qat.methods.efficientdm import FAMILY_RULES, EfficientDMConfig
+
+__all__ = [
+    "ConfigError",
+    "RunConfig",
+    "TeacherConfig",
+    "TrajectoryConfig",
+    "CalibrationConfig",
+    "OptimConfig",
+    "TrainerConfig",
+    "MonitorConfig",
+    "EvalConfig",
+    "load_config",
+    "find_config",
+    "CONFIG_DIR",
+]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the full key and what is allowed."""
+
+
+def _one_of(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(allowed)}")
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen full-precision teacher: a local diffusers model directory.
+
+    Args:
+        path: directory holding the subfolders below (relative paths are resolved against the repository root
+            when they do not exist relative to the working directory).
+        unet_subfolder: subfolder of the denoiser (``from_pretrained(path, subfolder=...)``).
+        scheduler_subfolder: subfolder of the scheduler config.
+        conditioning: ``class`` (labels -> ``class_embedder`` -> cross-attention context, null class for CFG),
+            ``prompt_embeds`` (a safetensors file of precomputed text embeddings) or ``none``.
+        class_embedder_subfolder: subfolder of the :class:`train.models.ClassEmbedder` (``class`` conditioning).
+        prompt_embeds_path: safetensors file with ``prompt_embeds (N, L, D)`` and ``negative_prompt_embeds (1, L, D)``.
+        dtype: teacher precision, ``fp32`` or ``bf16``.
+    """
+
+    path: str = MISSING
+    unet_subfolder: str = "unet"
+    scheduler_subfolder: str = "scheduler"
+    conditioning: str = "class"
+    class_embedder_subfolder: str = "class_embedder"
+    prompt_embeds_path: str | None = None
+    dtype: str = "fp32"
+
+
+@dataclass
+class TrajectoryConfig:
+    """Data-free training data: the teacher's own sampling trajectories (EfficientDM Sec. 3.4).
+
+    Args:
+        mode: ``online`` (walk each trajectory from high to low noise, one update per step, as EfficientDM) or
+            ``cached`` (generate ``num_trajectories`` once into shards, then train on shuffled mixed-timestep batches).
+        num_steps: DDIM steps of a trajectory; also the rows of the temporal quantizer tables.
+        eta: DDIM eta (1.0: stochastic, as EfficientDM).
+        guidance_scale: classifier-free guidance scale ``w`` (``eps_u + w (eps_c - eps_u)``).
+        batch_size: trajectories walked together (online) / samples per update (cached).
+        seed: base seed; trajectory ``i`` uses noise from ``seed + i`` streams, ranks get disjoint ranges.
+        num_trajectories: trajectories generated for ``cached`` mode.
+        shard_size: trajectories per cache shard.
+        cache_dir: where shards go; default ``<output_dir>/trajectories``.
+        loss_target: ``cfg`` (MSE of the CFG-combined eps, as EfficientDM) or ``branches`` (cond and uncond).
+    """
+
+    mode: str = "online"
+    num_steps: int = 100
+    eta: float = 1.0
+    guidance_scale: float = 1.5
+    batch_size: int = 2
+    seed: int = 3407
+    num_trajectories: int = 64
+    shard_size: int = 16
+    cache_dir: str | None = None
+    loss_target: str = "cfg"
+
+
+@dataclass
+class CalibrationConfig:
+    """PTQ initialisation inputs: teacher trajectories (EfficientDM: 250 DDIM steps, eta 1, CFG 1.5).
+
+    Args:
+        num_trajectories: trajectories sampled for calibration.
+        num_steps: their DDIM steps.
+        max_batches: calibration forwards used (spread evenly over the trajectory steps).
+        per_timestep: also initialise every temporal table row from the inputs at that timestep.
+        seed: seed of the calibration trajectories (disjoint from training seeds).
+    """
+
+    num_trajectories: int = 8
+    num_steps: int = 100
+    max_batches: int = 32
+    per_timestep: bool = False
+    seed: int = 12345
+
+
+@dataclass
+class OptimConfig:
+    """AdamW over LoRA (scale-aware per-layer LR), weight steps and activation steps; linear decay to 0.
+
+    Args:
+        lora_lr: with ``scale_aware`` the factor ``c`` in ``lr = c * mean(s_w)`` (EfficientDM: 1/2500 = 4e-4),
+            else the LoRA learning rate.
+        scale_aware: EfficientDM's scale-aware LoRA optimisation (per-layer learning rates).
+        weight_step_lr: learning rate of the weight steps (EfficientDM: 1e-6).
+        act_step_lr: learning rate of the temporal activation steps and offsets (EfficientDM: 5e-4).
+        quantizer_weight_decay: AdamW weight decay of quantizer parameters (default 0; the reference used 0.01).
+        lora_weight_decay: AdamW weight decay of LoRA matrices.
+        warmup_steps: linear warm-up steps before the linear decay.
+        betas: AdamW betas.
+    """
+
+    lora_lr: float = 4e-4
+    scale_aware: bool = True
+    weight_step_lr: float = 1e-6
+    act_step_lr: float = 5e-4
+    quantizer_weight_decay: float = 0.0
+    lora_weight_decay: float = 0.0
+    warmup_steps: int = 0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class TrainerConfig:
+    """Passed to ``lightning.Trainer`` as keyword arguments (names and meanings are Lightning's)."""
+
+    max_steps: int = 16000
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    gradient_clip_val: float | None = None
+    log_every_n_steps: int = 10
+    enable_progress_bar: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class MonitorConfig:
+    """TensorBoard extras and checkpointing.
+
+    Args:
+        sample_every_n_steps: teacher-vs-student sample grids from fixed seeds (0: only at the end).
+        sample_labels: class labels of the grid (class conditioning).
+        sample_steps: DDIM steps of the grids.
+        telemetry_every_n_steps: quantizer statistics (steps, fraction clipped) (0: off).
+        checkpoint_every_n_steps: checkpoint interval; ``last.ckpt`` is always kept.
+        timestep_buckets: buckets of the per-timestep loss curves.
+    """
+
+    sample_every_n_steps: int = 500
+    sample_labels: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+    sample_steps: int = 50
+    telemetry_every_n_steps: int = 100
+    checkpoint_every_n_steps: int = 500
+    timestep_buckets: int = 10
+
+
+@dataclass
+class EvalConfig:
+    """Held-out quality of the student against the teacher, measured before and after training.
+
+    Args:
+        num_trajectories: held-out teacher trajectories (their seeds never occur in training).
+        num_steps: DDIM steps of the held-out trajectories.
+        seed: seed of the held-out trajectories.
+        enabled: run the evaluation.
+    """
+
+    num_trajectories: int = 16
+    num_steps: int = 100
+    seed: int = 999_999
+    enabled: bool = True
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs. Sections map one-to-one to the YAML recipes in ``configs/``."""
+
+    method: str = "efficientdm"
+    output_dir: str = "runs/default"
+    resume: str | None = None
+    seed: int = 0
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    efficientdm: EfficientDMConfig = field(default_factory=EfficientDMConfig)
+    trajectories: TrajectoryConfig = field(default_factory=TrajectoryConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "64-true")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Value ranges and impossible combinations; raises :class:`ConfigError` naming the full key."""
+    from qat.methods import METHODS
+
+    _one_of("method", cfg.method, tuple(METHODS.names()))
+    t, tr, e = cfg.teacher, cfg.trajectories, cfg.efficientdm
+    _one_of("teacher.conditioning", t.conditioning, ("class", "prompt_embeds", "none"))
+    _one_of("teacher.dtype", t.dtype, ("fp32", "bf16"))
+    if t.conditioning == "prompt_embeds" and not t.prompt_embeds_path:
+        raise ConfigError("teacher.prompt_embeds_path: required when teacher.conditioning is 'prompt_embeds'")
+    _one_of("trajectories.mode", tr.mode, ("online", "cached"))
+    _one_of("trajectories.loss_target", tr.loss_target, ("cfg", "branches"))
+    if not 0.0 <= tr.eta <= 1.0:
+        raise ConfigError(f"trajectories.eta: {tr.eta} is outside [0, 1]")
+    for key, value in (("trajectories.num_steps", tr.num_steps), ("trajectories.batch_size", tr.batch_size),
+                       ("trajectories.num_trajectories", tr.num_trajectories),
+                       ("trajectories.shard_size", tr.shard_size), ("trainer.max_steps", cfg.trainer.max_steps),
+                       ("calibration.num_trajectories", cfg.calibration.num_trajectories),
+                       ("calibration.max_batches", cfg.calibration.max_batches),
+                       ("eval.num_trajectories", cfg.eval.num_trajectories)):
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if tr.guidance_scale != 1.0 and t.conditioning == "none":
+        raise ConfigError("trajectories.guidance_scale: classifier-free guidance needs conditioning; set "
+                          "trajectories.guidance_scale=1.0 or teacher.conditioning to 'class' / 'prompt_embeds'")
+    if e.num_timesteps != tr.num_steps:
+        raise ConfigError(f"efficientdm.num_timesteps ({e.num_timesteps}) must equal trajectories.num_steps "
+                          f"({tr.num_steps}): the temporal tables have one row per trajectory step")
+    for key, bits in (("efficientdm.weight_bits", e.weight_bits), ("efficientdm.act_bits", e.act_bits),
+                      ("efficientdm.special_bits", e.special_bits)):
+        if not 2 <= bits <= 8:
+            raise ConfigError(f"{key}: {bits} is outside [2, 8]")
+    _one_of("efficientdm.family", e.family, tuple(sorted(FAMILY_RULES)))
+    _one_of("efficientdm.act_init", e.act_init, ("mse", "minmax"))
+    _one_of("efficientdm.weight_init", e.weight_init, ("mse", "minmax"))
+    _one_of("trainer.precision", str(cfg.trainer.precision), _PRECISIONS)
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas: needs two values, got {list(cfg.optim.betas)}")
+    if cfg.resume not in (None, "last") and not Path(cfg.resume).is_file():
+        raise ConfigError(f"resume: {cfg.resume!r} is neither 'last' nor an existing checkpoint file")
+
+
+def find_config(name: str) -> Path:
+    """A recipe by path, or by name in ``configs/`` (with or without ``.yaml``)."""
+    for candidate in (Path(name), CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"config: {name!r} is neither a file nor a recipe in {CONFIG_DIR}; known recipes: {known}")
+
+
+def _allowed_keys(schema: DictConfig, full_key: str) -> list[str]:
+    parent = full_key.rpartition(".")[0]
+    node = OmegaConf.select(schema, parent) if parent else schema
+    return sorted(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def _explain(err: OmegaConfBaseException, schema: DictConfig, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
+        allowed = _allowed_keys(schema, key)
+        leaf = key.rpartition(".")[2]
+        hint = difflib.get_close_matches(leaf, allowed, n=1)
+        msg = f"{key}: unknown key (from {source}); allowed keys here: {allowed}"
+        return ConfigError(msg + (f"; did you mean {hint[0]!r}?" if hint else ""))
+    if isinstance(err, ValidationError):
+        return ConfigError(f"{key}: {str(err.msg).splitlines()[0]} (from {source})")
+    return ConfigError(f"{key}: {str(err).splitlines()[0]} (from {source})")
+
+
+def load_config(argv: list[str]) -> RunConfig:
+    """Builds the validated :class:`RunConfig` from ``["config=<name or path>", "key=value", ...]``.
+
+    ``config=`` is optional (schema defaults otherwise). Raises :class:`ConfigError` on unknown keys, wrong types,
+    bad values and impossible combinations, always naming the full key.
+    """
+    schema = OmegaConf.structured(RunConfig)
+    recipe: str | None = None
+    overrides: list[str] = []
+    for arg in argv:
+        if "=" not in arg:
+            raise ConfigError(f"argument {arg!r} is not key=value; usage: train.py config=<recipe> [key=value ...]")
+        key, value = arg.split("=", 1)
+        if key == "config":
+            recipe = value
+        else:
+            overrides.append(arg)
+    merged = schema
+    try:
+        if recipe is not None:
+            path = find_config(recipe)
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+    except OmegaConfBaseException as err:
+        raise _explain(err, schema, str(path)) from None
+    try:
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
+    except OmegaConfBaseException as err:
+        raise _explain(err, schema, "command line") from None
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ConfigError(f"{missing[0]}: required but not set (the recipe leaves it to you); add "
+                          f"{missing[0]}=<value> to the command line" + (f"; also missing: {missing[1:]}"
+                                                                          if missing[1:] else ""))
+    try:
+        cfg: RunConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _explain(err, schema, "resolved config") from None
+    except ValueError as err:  # __post_init__ checks; EfficientDMConfig is the only schema section with them
+        raise ConfigError(f"efficientdm.{err}") from None
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML (saved as ``config.yaml`` in the run directory)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def resolve_path(path: str) -> Path:
+    """``path`` as given if it exists, else relative to the repository root (for the shipped assets)."""
+    p = Path(os.path.expanduser(path))
+    if p.exists() or p.is_absolute():
+        return p
+    return REPO_ROOT / p

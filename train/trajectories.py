@@ -1,0 +1,314 @@
+"""Data-free training data: the teacher's own DDIM trajectories (EfficientDM Sec. 3.4, dossier Sec. 6).
+
+The teacher samples from Gaussian noise with classifier-free guidance; every visited ``(x_t, t, c)`` is a training
+input and the teacher's noise prediction there is the target. The trajectory is driven by the teacher's CFG eps,
+so the student never sees its own drift (as in the paper).
+
+* :class:`OnlineTrajectories` walks ``batch_size`` trajectories from high to low noise, one training batch per
+  step (EfficientDM's order). Its state (position, current ``x_t``, RNG) is checkpointed, so a resumed run continues
+  the same trajectory.
+* :func:`generate_cache` writes trajectories once into safetensors shards plus a ``manifest.json`` (teacher,
+  sampler, steps, guidance, seeds); it resumes by skipping finished shards, and process ``rank`` of ``world_size``
+  takes every ``world_size``-th shard. :class:`CachedTrajectories` serves shuffled mixed-timestep batches.
+
+Seeds: trajectory ``i`` (a global index) draws its labels and noise from ``torch.Generator().manual_seed(seed + i)``,
+so the data do not depend on the number of processes, and ranks never share a trajectory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+import qat
+from train.teacher import Teacher, denoise
+
+__all__ = ["TrajectoryBatch", "guided_eps", "OnlineTrajectories", "generate_cache", "CachedTrajectories",
+           "sample", "trajectory_start"]
+
+
+@dataclass
+class TrajectoryBatch:
+    """One training batch: inputs ``x (B, C, H, W)``, timesteps ``t (B,)``, contexts ``(B, L, D)`` and targets."""
+
+    x: Tensor
+    t: Tensor
+    labels: Tensor
+    cond: Tensor | None
+    uncond: Tensor | None
+    eps_cond: Tensor
+    eps_uncond: Tensor | None
+
+    def to(self, device: torch.device | str) -> TrajectoryBatch:
+        def mv(v: Tensor | None) -> Tensor | None:
+            return None if v is None else v.to(device, non_blocking=True)
+
+        return TrajectoryBatch(*(mv(getattr(self, k)) for k in self.__dataclass_fields__))
+
+
+def guided_eps(model: nn.Module, x: Tensor, t: Tensor, cond: Tensor | None, uncond: Tensor | None,
+               guidance: float) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(eps_u + w (eps_c - eps_u), eps_c, eps_u)`` from one batched call (uncond first, as CompVis LDM).
+
+    ``t`` is ``(B,)``; temporal quantizers of ``model`` are set from it for the duration of the call.
+    """
+    if cond is None:
+        with qat.timestep(model, t):
+            eps = denoise(model, x, t, None)
+        return eps, eps, None
+    tt = torch.cat([t, t])
+    with qat.timestep(model, tt):
+        out = denoise(model, torch.cat([x, x]), tt, torch.cat([uncond, cond]))
+    eps_u, eps_c = out.chunk(2)
+    return eps_u + guidance * (eps_c - eps_u), eps_c, eps_u
+
+
+def trajectory_start(teacher: Teacher, index: int, seed: int, batch: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    """Labels ``(batch,)``, initial noise ``(batch, C, H, W)`` and the generator state for trajectory ``index``."""
+    gen = torch.Generator().manual_seed(seed + index)
+    labels = torch.randint(0, teacher.num_classes, (batch,), generator=gen)
+    noise = torch.randn((batch, *teacher.sample_shape), generator=gen)
+    return labels, noise, gen.get_state()
+
+
+class OnlineTrajectories:
+    """Walks ``batch_size`` teacher trajectories step by step (EfficientDM's online data).
+
+    Args:
+        teacher: the loaded teacher (on the training device).
+        num_steps, eta, guidance: DDIM steps, eta and CFG scale.
+        batch_size: trajectories walked together.
+        seed: base seed; this process's ``k``-th batch of trajectories uses global indices
+            ``(k * world_size + rank) * batch_size + j``.
+        rank, world_size: this process among the data-parallel processes.
+    """
+
+    def __init__(self, teacher: Teacher, num_steps: int, eta: float, guidance: float, batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.teacher = teacher
+        self.scheduler = teacher.ddim(num_steps)
+        self.num_steps, self.eta, self.guidance = num_steps, eta, guidance
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.round = 0  # trajectory batches started by this process
+        self.step = num_steps  # == num_steps: start a new batch on the next call
+        self.x: Tensor | None = None
+        self.labels: Tensor | None = None
+        self.gen_states: list[Tensor] = []  # one noise stream per trajectory (DDIM eta > 0 noise)
+
+    def _start(self) -> None:
+        first = (self.round * self.world_size + self.rank) * self.batch_size
+        starts = [trajectory_start(self.teacher, first + j, self.seed) for j in range(self.batch_size)]
+        self.labels = torch.cat([s[0] for s in starts])
+        self.x = torch.cat([s[1] for s in starts])
+        self.gen_states = [s[2] for s in starts]
+        self.round += 1
+        self.step = 0
+
+    @torch.no_grad()
+    def next_batch(self, device: torch.device | str) -> TrajectoryBatch:
+        """The teacher's ``(x_t, t, c)`` at the next step and its predictions; advances ``x_t`` with DDIM."""
+        if self.step >= self.num_steps:
+            self._start()
+        unet = self.teacher.unet
+        dtype = next(unet.parameters()).dtype
+        x = self.x.to(device, dtype)
+        t_val = self.scheduler.timesteps[self.step]
+        t = torch.full((x.shape[0],), int(t_val), device=device, dtype=torch.long)
+        cond, uncond = self.teacher.contexts(self.labels.to(device))
+        eps, eps_c, eps_u = guided_eps(unet, x, t, cond, uncond, self.guidance)
+        batch = TrajectoryBatch(x.float(), t, self.labels.to(device), cond, uncond, eps_c.float(),
+                                None if eps_u is None else eps_u.float())
+        noise, self.gen_states = _draw(self.gen_states, x.shape[1:])
+        self.x = _ddim_step(self.scheduler, eps.float(), int(t_val), x.float(), self.eta, noise.to(device)).cpu()
+        self.step += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"round": self.round, "step": self.step, "x": self.x, "labels": self.labels,
+                "gen_states": list(self.gen_states)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.round, self.step = int(state["round"]), int(state["step"])
+        self.x, self.labels = state["x"], state["labels"]
+        self.gen_states = list(state["gen_states"])
+
+
+def _manifest(teacher_path: str, num_steps: int, eta: float, guidance: float, seed: int, num_trajectories: int,
+              shard_size: int) -> dict[str, Any]:
+    return {"teacher": str(teacher_path), "sampler": "ddim", "num_steps": num_steps, "eta": eta,
+            "guidance_scale": guidance, "seed": seed, "num_trajectories": num_trajectories, "shard_size": shard_size,
+            "format": 1}
+
+
+def _shard_path(cache_dir: Path, shard: int) -> Path:
+    return cache_dir / f"shard-{shard:05d}.safetensors"
+
+
+@torch.no_grad()
+def _trajectories(teacher: Teacher, indices: list[int], num_steps: int, eta: float, guidance: float, seed: int,
+                  device: torch.device | str) -> dict[str, Tensor]:
+    """Every step of the trajectories ``indices``, flattened to ``(len(indices) * num_steps, ...)`` tensors."""
+    sched = teacher.ddim(num_steps)
+    starts = [trajectory_start(teacher, i, seed) for i in indices]
+    labels = torch.cat([s[0] for s in starts])
+    x = torch.cat([s[1] for s in starts]).to(device)
+    gen_states = [s[2] for s in starts]
+    cond, uncond = teacher.contexts(labels.to(device))
+    dtype = next(teacher.unet.parameters()).dtype
+    out: dict[str, list[Tensor]] = {"x": [], "t": [], "labels": [], "eps_cond": [], "eps_uncond": []}
+    for t_val in sched.timesteps:
+        t = torch.full((x.shape[0],), int(t_val), device=device, dtype=torch.long)
+        eps, eps_c, eps_u = guided_eps(teacher.unet, x.to(dtype), t, cond, uncond, guidance)
+        out["x"].append(x.float().cpu())
+        out["t"].append(t.cpu())
+        out["labels"].append(labels)
+        out["eps_cond"].append(eps_c.float().cpu())
+        if eps_u is not None:
+            out["eps_uncond"].append(eps_u.float().cpu())
+        # One generator per trajectory, so a trajectory is the same whatever shard or batch it is generated in.
+        noise, gen_states = _draw(gen_states, x.shape[1:])
+        x = _ddim_step(sched, eps.float(), int(t_val), x.float(), eta, noise.to(device))
+    return {k: torch.cat(v) for k, v in out.items() if v}
+
+
+def _draw(states: list[Tensor], shape: torch.Size) -> tuple[Tensor, list[Tensor]]:
+    """One ``(1, *shape)`` normal draw per trajectory stream; returns the noise ``(N, *shape)`` and new states."""
+    noise, new_states = [], []
+    gen = torch.Generator()
+    for state in states:
+        gen.set_state(state)
+        noise.append(torch.randn((1, *shape), generator=gen))
+        new_states.append(gen.get_state())
+    return torch.cat(noise), new_states
+
+
+def _ddim_step(sched: Any, eps: Tensor, t: int, x: Tensor, eta: float, noise: Tensor) -> Tensor:
+    """DDIM update with externally drawn noise (diffusers' ``variance_noise`` argument)."""
+    return sched.step(eps, t, x, eta=eta, variance_noise=noise if eta > 0 else None).prev_sample
+
+
+def generate_cache(teacher: Teacher, teacher_path: str, cache_dir: str | Path, num_steps: int, eta: float,
+                   guidance: float, seed: int, num_trajectories: int, shard_size: int, device: torch.device | str,
+                   rank: int = 0, world_size: int = 1, progress: bool = True, wait_timeout: float = 3600.0) -> Path:
+    """Generates (or completes) the trajectory cache; returns the path of ``manifest.json``.
+
+    Process ``rank`` generates shards ``rank, rank + world_size, ...``; finished shards are skipped, so an
+    interrupted generation resumes where it stopped. Every process then waits until all shards exist; rank 0
+    writes the manifest. An existing cache made with other settings is refused.
+    """
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    manifest = _manifest(teacher_path, num_steps, eta, guidance, seed, num_trajectories, shard_size)
+    mpath = cache_dir / "manifest.json"
+    spec_path = cache_dir / "cache_spec.json"
+    if spec_path.exists():
+        old = json.loads(spec_path.read_text())
+        if old != manifest:
+            diff = {k: (old.get(k), v) for k, v in manifest.items() if old.get(k) != v}
+            raise ValueError(f"trajectory cache {cache_dir} was made with other settings {diff} (cache, config); "
+                             "delete it or set trajectories.cache_dir to a new directory")
+    elif rank == 0:
+        _atomic_write_text(spec_path, json.dumps(manifest, indent=2))
+    num_shards = -(-num_trajectories // shard_size)
+    mine = [s for s in range(rank, num_shards, world_size) if not _shard_path(cache_dir, s).exists()]
+    bar = tqdm(mine, desc=f"trajectories (rank {rank})", disable=not progress)
+    for shard in bar:
+        indices = list(range(shard * shard_size, min((shard + 1) * shard_size, num_trajectories)))
+        tensors = _trajectories(teacher, indices, num_steps, eta, guidance, seed, device)
+        tmp = _shard_path(cache_dir, shard).with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata={"trajectories": json.dumps(indices)})
+        os.replace(tmp, _shard_path(cache_dir, shard))  # atomic: a shard file is complete or absent
+    deadline = time.time() + wait_timeout
+    while not all(_shard_path(cache_dir, s).exists() for s in range(num_shards)):
+        if time.time() > deadline:
+            raise TimeoutError(f"trajectory shards in {cache_dir} did not all appear within {wait_timeout} s")
+        time.sleep(1.0)
+    if rank == 0:
+        manifest["shards"] = [_shard_path(cache_dir, s).name for s in range(num_shards)]
+        _atomic_write_text(mpath, json.dumps(manifest, indent=2))
+    while not mpath.exists():
+        time.sleep(0.5)
+    return mpath
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class CachedTrajectories:
+    """Shuffled mixed-timestep batches from a trajectory cache.
+
+    Each epoch is a permutation of all cached samples drawn from ``seed + epoch``; process ``rank`` takes every
+    ``world_size``-th sample. The position (epoch, offset) is checkpointed, so a resumed run sees exactly the
+    batches it would have seen.
+    """
+
+    def __init__(self, manifest_path: str | Path, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1) -> None:
+        manifest_path = Path(manifest_path)
+        self.manifest = json.loads(manifest_path.read_text())
+        parts = [load_file(str(manifest_path.parent / name)) for name in self.manifest["shards"]]
+        self.data = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        self.size = self.data["x"].shape[0]
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.epoch, self.offset = 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> Tensor:
+        perm = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        return perm[self.rank :: self.world_size]
+
+    def next_batch(self, teacher: Teacher, device: torch.device | str) -> TrajectoryBatch:
+        """The next ``batch_size`` samples (a new permutation starts when an epoch is used up)."""
+        if self.offset + self.batch_size > self._order.numel():
+            self.epoch, self.offset = self.epoch + 1, 0
+            self._order = self._permutation()
+        idx = self._order[self.offset : self.offset + self.batch_size]
+        self.offset += self.batch_size
+        labels = self.data["labels"][idx].to(device)
+        cond, uncond = teacher.contexts(labels)
+        eps_u = self.data["eps_uncond"][idx] if "eps_uncond" in self.data else None
+        return TrajectoryBatch(self.data["x"][idx], self.data["t"][idx], labels, cond, uncond,
+                               self.data["eps_cond"][idx], eps_u).to(device)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        self._order = self._permutation()
+
+
+@torch.no_grad()
+def sample(model: nn.Module, teacher: Teacher, labels: Tensor, noise: Tensor, num_steps: int, guidance: float,
+           eta: float = 0.0, record_eps: bool = False) -> tuple[Tensor, list[Tensor]]:
+    """DDIM sampling of ``model`` (teacher or student) with the teacher's conditioning; deterministic for eta 0.
+
+    Returns:
+        final samples ``(B, C, H, W)`` and, with ``record_eps``, the CFG eps of every step.
+    """
+    device = noise.device
+    sched = teacher.ddim(num_steps)
+    cond, uncond = teacher.contexts(labels.to(device))
+    dtype = next(model.parameters()).dtype
+    x = noise
+    record = []
+    for t_val in sched.timesteps:
+        t = torch.full((x.shape[0],), int(t_val), device=device, dtype=torch.long)
+        eps, _, _ = guided_eps(model, x.to(dtype), t, None if cond is None else cond.to(dtype),
+                               None if uncond is None else uncond.to(dtype), guidance)
+        if record_eps:
+            record.append(eps.float())
+        x = sched.step(eps.float(), int(t_val), x, eta=eta).prev_sample
+    return x, record
