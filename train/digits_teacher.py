@@ -179,7 +179,9 @@ def save_grid(images: Tensor, path: str | Path, nrow: int, scale: int = 4) -> No
     pixels = (images[:, 0].detach().cpu().float() + 1.0) / 2.0
     for i in range(b):
         r, c = divmod(i, nrow)
-        canvas[pad + r * (s + pad) : pad + r * (s + pad) + s, pad + c * (s + pad) : pad + c * (s + pad) + s] = pixels[i]
+        canvas[pad + r * (s + pad) : pad + r * (s + pad) + s, pad + c * (s + pad) : pad + c * (s + pad) + s] = pixels[
+            i
+        ]
     array = (canvas.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     image = Image.fromarray(array, mode="L")
     image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
@@ -195,18 +197,24 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 @torch.no_grad()
 def _eval_loss(
-    unet: UNet2DConditionModel, embedder: ClassEmbedder, scheduler: DDPMScheduler, images: Tensor, labels: Tensor, seed: int
+    unet: UNet2DConditionModel,
+    embedder: ClassEmbedder,
+    scheduler: DDPMScheduler,
+    images: Tensor,
+    labels: Tensor,
+    seed: int,
 ) -> float:
     """Conditional eps-MSE over the whole dataset with fixed timesteps and noise, so runs are comparable."""
     gen = torch.Generator().manual_seed(seed + 1)
     noise = torch.randn(images.shape, generator=gen)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (images.shape[0],), generator=gen)
+    device = unet.device
     total = 0.0
     for start in range(0, images.shape[0], 256):
         sl = slice(start, start + 256)
-        noisy = scheduler.add_noise(images[sl], noise[sl], timesteps[sl])
-        pred = unet(noisy, timesteps[sl], encoder_hidden_states=embedder(labels[sl])).sample
-        total += F.mse_loss(pred, noise[sl], reduction="sum").item()
+        noisy = scheduler.add_noise(images[sl], noise[sl], timesteps[sl]).to(device)
+        pred = unet(noisy, timesteps[sl].to(device), encoder_hidden_states=embedder(labels[sl].to(device))).sample
+        total += F.mse_loss(pred, noise[sl].to(device), reduction="sum").item()
     return total / noise.numel()
 
 
@@ -216,6 +224,14 @@ def _lr_at(step: int, total: int, base_lr: float, warmup: int) -> float:
         return base_lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return base_lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (respects taskset / cgroup affinity, unlike ``os.cpu_count``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not available on macOS / Windows
+        return os.cpu_count() or 1
 
 
 def _machine_description() -> str:
@@ -228,7 +244,8 @@ def _machine_description() -> str:
                     break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} logical CPU(s), {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
+    threads = torch.get_num_threads()
+    return f"{cpu}, {_usable_cpus()} usable logical CPU(s), {threads} torch thread(s), torch {torch.__version__}"
 
 
 def train(args: argparse.Namespace) -> dict[str, float]:
@@ -241,16 +258,20 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         Summary metrics: ``params``, ``final_loss`` (mean training loss of the last 100 steps), ``eval_loss``
         (EMA weights, whole dataset, fixed noise) and ``wall_s``.
     """
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        # Required by cuBLAS for deterministic matmuls; must be set before the first CUDA call.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.manual_seed(args.seed)
-    # Bit-reproducible on a given machine and thread count; CPU kernels here all have deterministic versions.
+    # Bit-reproducible on a given machine and thread count; the kernels used here all have deterministic versions.
     torch.use_deterministic_algorithms(True)
     gen = torch.Generator().manual_seed(args.seed)
 
     images, labels = load_digits_tensor(IMAGE_SIZE)
     n = images.shape[0]
 
-    unet = build_unet(EMBED_DIM)
-    embedder = ClassEmbedder(num_classes=NUM_CLASSES, embed_dim=EMBED_DIM)
+    unet = build_unet(EMBED_DIM).to(device)
+    embedder = ClassEmbedder(num_classes=NUM_CLASSES, embed_dim=EMBED_DIM).to(device)
     scheduler = build_scheduler()
     params = sum(p.numel() for p in unet.parameters()) + sum(p.numel() for p in embedder.parameters())
 
@@ -258,7 +279,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     ema_unet, ema_embedder = copy.deepcopy(unet).eval(), copy.deepcopy(embedder).eval()
     trainable = list(unet.parameters()) + list(embedder.parameters())
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
-    alphas_cumprod = scheduler.alphas_cumprod
+    alphas_cumprod = scheduler.alphas_cumprod.to(device)
 
     print(f"digits teacher: {n} images, {params:,} parameters, {args.steps} steps x batch {args.batch_size}")
     start_time = time.perf_counter()
@@ -275,9 +296,10 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         cursor += args.batch_size
         x0, y = images[idx], labels[idx].clone()
         y[torch.rand(y.shape, generator=gen) < args.label_dropout] = embedder.null_label
-
+        # All randomness comes from one CPU generator, so the data stream does not depend on the device.
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=gen)
+        x0, y, noise, t = x0.to(device), y.to(device), noise.to(device), t.to(device)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * x0 + (1.0 - a).sqrt() * noise
 
@@ -354,7 +376,7 @@ in DiffQAT can be run and tested end to end on a CPU without downloading any wei
   Sample with `DDIMScheduler.from_config(...)`, 50 steps, guidance scale ~2
   (`train.digits_teacher.sample_digits`).
 
-Weights are the EMA (decay {args.ema_decay}) of the trained weights.
+Weights are the EMA of the trained weights, decay `min({args.ema_decay}, (1 + step) / (10 + step))` at each step.
 
 ## Loading
 
@@ -370,19 +392,20 @@ scheduler = DDPMScheduler.from_pretrained("assets/digits_teacher", subfolder="sc
 ## Regeneration
 
 ```bash
-python -m train.digits_teacher --output {args.output} --seed {args.seed}
+{_regeneration_command(args)}
 ```
 
 | item | value |
 | --- | --- |
 | seed | {args.seed} |
 | steps x batch size | {args.steps} x {args.batch_size} |
-| optimizer | AdamW, lr {args.lr:g} (warm-up {args.warmup} steps, cosine to 10 %), weight decay {args.weight_decay:g}, grad clip 1.0 |
+| optimizer | AdamW, lr {args.lr:g}, weight decay {args.weight_decay:g}, grad-norm clip 1.0 |
+| learning-rate schedule | linear warm-up {args.warmup} steps, then cosine decay to 10 % |
 | label dropout to null class | {args.label_dropout:g} |
-| parameters (UNet + embedder) | {int(metrics['params']):,} |
-| final training loss (eps MSE, mean of last 100 steps) | {metrics['final_loss']:.4f} |
-| eval loss (EMA weights, whole dataset, fixed noise) | {metrics['eval_loss']:.4f} |
-| training wall time | {metrics['wall_s']:.0f} s |
+| parameters (UNet + embedder) | {int(metrics["params"]):,} |
+| final training loss (eps MSE, mean of last 100 steps) | {metrics["final_loss"]:.4f} |
+| eval loss (EMA weights, whole dataset, fixed noise) | {metrics["eval_loss"]:.4f} |
+| training wall time | {metrics["wall_s"]:.0f} s |
 | machine | {_machine_description()} |
 
 Training is deterministic for a given machine and thread count; a different CPU or thread count can change the
@@ -391,23 +414,43 @@ last bits of the floating-point results and hence the weights.
     (out / "README.md").write_text(text)
 
 
-def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--output", default="assets/digits_teacher", help="directory for unet/, class_embedder/, scheduler/")
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--output", default="assets/digits_teacher", help="directory for unet/, class_embedder/, scheduler/"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=700)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=50, help="linear learning-rate warm-up steps")
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--label-dropout", type=float, default=0.1, help="probability of training on the null class")
-    parser.add_argument("--ema-decay", type=float, default=0.995)
-    parser.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1), help="torch intra-op threads")
+    parser.add_argument("--ema-decay", type=float, default=0.99)
+    parser.add_argument("--threads", type=int, default=min(4, _usable_cpus()), help="torch intra-op threads")
+    parser.add_argument("--device", default="cpu", help="torch device; the shipped teacher was trained on cpu")
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--grid", default=None, help="optional PNG path for a 10-row sample grid after training")
     parser.add_argument("--grid-per-class", type=int, default=8)
     parser.add_argument("--guidance-scale", type=float, default=2.0)
-    return parser.parse_args(argv)
+    return parser
+
+
+def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return _build_parser().parse_args(argv)
+
+
+def _regeneration_command(args: argparse.Namespace) -> str:
+    """The command line that reproduces ``args``' weights: output, seed and every non-default training option."""
+    parts = ["python -m train.digits_teacher", f"--output {args.output}", f"--seed {args.seed}"]
+    parser = _build_parser()
+    for name in ("steps", "batch_size", "lr", "warmup", "weight_decay", "label_dropout", "ema_decay", "device"):
+        value = getattr(args, name)
+        if value != parser.get_default(name):
+            parts.append(f"--{name.replace('_', '-')} {value}")
+    return " ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -109,10 +110,6 @@ def test_trajectories_do_not_depend_on_process_count(tiny_teacher: Path, tmp_pat
     one = generate_cache(teacher, "t", tmp_path / "one", 4, 1.0, 1.5, 0, 4, 2, "cpu", progress=False)
     # Two "processes": rank 1 first writes its shard, then rank 0 completes the cache.
     two = tmp_path / "two"
-    generate_cache(teacher, "t", two, 4, 1.0, 1.5, 0, 4, 2, "cpu", rank=0, world_size=2, progress=False,
-                   wait_timeout=0.0) if False else None
-    import threading
-
     t1 = threading.Thread(target=generate_cache, args=(teacher, "t", two, 4, 1.0, 1.5, 0, 4, 2, "cpu"),
                           kwargs={"rank": 1, "world_size": 2, "progress": False})
     t1.start()
