@@ -37,11 +37,13 @@ class SampleGrid(L.Callback):
         self.every_n_steps, self.label_list, self.num_steps, self.guidance = every_n_steps, labels, num_steps, guidance
         self.seed = seed
         self._teacher_rows: Tensor | None = None
+        self._last_step = -1
 
     @torch.no_grad()
     def log_grid(self, trainer: L.Trainer, module: Any) -> None:
-        if trainer.global_rank != 0 or trainer.logger is None:
+        if trainer.global_rank != 0 or trainer.logger is None or trainer.global_step == self._last_step:
             return
+        self._last_step = trainer.global_step
         teacher = module.teacher
         labels = torch.tensor(self.label_list, device=module.device) % max(teacher.num_classes, 1)
         noise = torch.cat([trajectory_start(teacher, i, self.seed)[1] for i in range(len(labels))]).to(module.device)
@@ -53,6 +55,9 @@ class SampleGrid(L.Callback):
         module.student.train(was)
         grid = make_grid([self._teacher_rows, student_rows])
         trainer.logger.experiment.add_image("samples/teacher_top_student_bottom", grid, trainer.global_step)
+
+    def on_train_start(self, trainer: L.Trainer, module: Any) -> None:
+        self.log_grid(trainer, module)  # the starting point (PTQ, or the resumed state)
 
     def on_train_batch_end(self, trainer: L.Trainer, module: Any, *args: Any) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:

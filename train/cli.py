@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -125,8 +126,16 @@ def _write_summary(out: Path, cfg: RunConfig, ptq: dict[str, Any], trained: dict
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
 
+def _quiet_known_warnings() -> None:
+    # Both students and teachers run in eval mode on purpose (EfficientDM trains in eval mode: no dropout), and the
+    # step loader only counts steps (batches come from the trajectory source), so workers would not help.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers which may be a bottleneck.*")
+
+
 def main(argv: list[str] | None = None) -> Path:
     """Runs one training job; returns the run directory."""
+    _quiet_known_warnings()
     start = time.time()
     cfg = load_config(sys.argv[1:] if argv is None else argv)  # 1. fails here, before any model is built
     rank, local_rank, world = _dist_env()
@@ -186,6 +195,9 @@ def main(argv: list[str] | None = None) -> Path:
     steps = DataLoader(range(cfg.trainer.max_steps), batch_size=None, shuffle=False)
     trainer.fit(system, train_dataloaders=steps, ckpt_path=ckpt, weights_only=True)  # 6.
 
+    # Lightning's teardown moves the system (student, teacher UNet) back to the CPU; the class embedder stays put.
+    student.to(device)
+    teacher.to(device)
     if trainer.global_rank == 0:  # 7.
         save_student(student, teacher, out / "student", cfg)
         if held is not None:

@@ -79,8 +79,9 @@ class DistillQATSystem(L.LightningModule):
             per = (pred.float() - batch.eps_cond).pow(2).flatten(1).mean(1)
             return per.mean(), per
         tt = torch.cat([t, t])
+        context = torch.cat([batch.uncond, batch.cond]).to(x.dtype)  # a bf16 teacher's embedder gives bf16
         with qat.timestep(self.student, tt):
-            out = denoise(self.student, torch.cat([x, x]), tt, torch.cat([batch.uncond, batch.cond]))
+            out = denoise(self.student, torch.cat([x, x]), tt, context)
         eps_u, eps_c = out.float().chunk(2)
         if self.loss_target == "cfg":
             pred = eps_u + self.guidance * (eps_c - eps_u)
@@ -91,9 +92,20 @@ class DistillQATSystem(L.LightningModule):
                          + (eps_u - batch.eps_uncond).pow(2).flatten(1).mean(1))
         return per.mean(), per
 
+    def extra_losses(self, batch: TrajectoryBatch) -> dict[str, Tensor]:
+        """Additional weighted loss terms (e.g. intermediate-feature distillation); none for EfficientDM.
+
+        Methods that need them subclass the system once and return ``{name: weighted term}``; each term is added
+        to the loss and logged as ``train/<name>``.
+        """
+        return {}
+
     def training_step(self, _: Any, batch_idx: int) -> Tensor:
         batch = self._next()
         loss, per = self.student_loss(batch)
+        for name, term in self.extra_losses(batch).items():
+            self.log(f"train/{name}", term, batch_size=batch.x.shape[0])
+            loss = loss + term
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at global step {self.global_step}; the last "
                                      "good checkpoint is kept in the run's checkpoints/ directory")

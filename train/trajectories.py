@@ -59,15 +59,18 @@ def guided_eps(model: nn.Module, x: Tensor, t: Tensor, cond: Tensor | None, unco
                guidance: float) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(eps_u + w (eps_c - eps_u), eps_c, eps_u)`` from one batched call (uncond first, as CompVis LDM).
 
-    ``t`` is ``(B,)``; temporal quantizers of ``model`` are set from it for the duration of the call.
+    ``t`` is ``(B,)``; temporal quantizers of ``model`` are set from it for the duration of the call. Inputs are
+    cast to the model's parameter dtype (a bf16 teacher next to an fp32 student).
     """
+    dtype = next(model.parameters()).dtype
+    x = x.to(dtype)
     if cond is None:
         with qat.timestep(model, t):
             eps = denoise(model, x, t, None)
         return eps, eps, None
     tt = torch.cat([t, t])
     with qat.timestep(model, tt):
-        out = denoise(model, torch.cat([x, x]), tt, torch.cat([uncond, cond]))
+        out = denoise(model, torch.cat([x, x]), tt, torch.cat([uncond, cond]).to(dtype))
     eps_u, eps_c = out.chunk(2)
     return eps_u + guidance * (eps_c - eps_u), eps_c, eps_u
 
@@ -119,8 +122,7 @@ class OnlineTrajectories:
         if self.step >= self.num_steps:
             self._start()
         unet = self.teacher.unet
-        dtype = next(unet.parameters()).dtype
-        x = self.x.to(device, dtype)
+        x = self.x.to(device)
         t_val = self.scheduler.timesteps[self.step]
         t = torch.full((x.shape[0],), int(t_val), device=device, dtype=torch.long)
         cond, uncond = self.teacher.contexts(self.labels.to(device))
@@ -128,7 +130,7 @@ class OnlineTrajectories:
         batch = TrajectoryBatch(x.float(), t, self.labels.to(device), cond, uncond, eps_c.float(),
                                 None if eps_u is None else eps_u.float())
         noise, self.gen_states = _draw(self.gen_states, x.shape[1:])
-        self.x = _ddim_step(self.scheduler, eps.float(), int(t_val), x.float(), self.eta, noise.to(device)).cpu()
+        self.x = _ddim_step(self.scheduler, eps.float(), int(t_val), x.float(), self.eta, noise.to(device))
         self.step += 1
         return batch
 
@@ -163,11 +165,10 @@ def _trajectories(teacher: Teacher, indices: list[int], num_steps: int, eta: flo
     x = torch.cat([s[1] for s in starts]).to(device)
     gen_states = [s[2] for s in starts]
     cond, uncond = teacher.contexts(labels.to(device))
-    dtype = next(teacher.unet.parameters()).dtype
     out: dict[str, list[Tensor]] = {"x": [], "t": [], "labels": [], "eps_cond": [], "eps_uncond": []}
     for t_val in sched.timesteps:
         t = torch.full((x.shape[0],), int(t_val), device=device, dtype=torch.long)
-        eps, eps_c, eps_u = guided_eps(teacher.unet, x.to(dtype), t, cond, uncond, guidance)
+        eps, eps_c, eps_u = guided_eps(teacher.unet, x, t, cond, uncond, guidance)
         out["x"].append(x.float().cpu())
         out["t"].append(t.cpu())
         out["labels"].append(labels)
@@ -301,13 +302,11 @@ def sample(model: nn.Module, teacher: Teacher, labels: Tensor, noise: Tensor, nu
     device = noise.device
     sched = teacher.ddim(num_steps)
     cond, uncond = teacher.contexts(labels.to(device))
-    dtype = next(model.parameters()).dtype
     x = noise
     record = []
     for t_val in sched.timesteps:
         t = torch.full((x.shape[0],), int(t_val), device=device, dtype=torch.long)
-        eps, _, _ = guided_eps(model, x.to(dtype), t, None if cond is None else cond.to(dtype),
-                               None if uncond is None else uncond.to(dtype), guidance)
+        eps, _, _ = guided_eps(model, x, t, cond, uncond, guidance)
         if record_eps:
             record.append(eps.float())
         x = sched.step(eps.float(), int(t_val), x, eta=eta).prev_sample

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -187,6 +187,7 @@ class FakeQuantizer(nn.Module):
             self.param_shape = (num_channels, group_count)
         # A buffer, not a Python attribute: a reloaded checkpoint must never be re-initialised.
         self.register_buffer("initialized", torch.tensor(False))
+        self._ready: bool | None = None
 
     # -- subclass hooks -------------------------------------------------------------------------------------------
     def _step_zero(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -218,8 +219,15 @@ class FakeQuantizer(nn.Module):
             shape[self.channel_axis] = self.param_shape[0]
         return p.reshape(shape)
 
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._ready = None  # re-read the loaded ``initialized`` buffer on the next forward
+
     def _check_ready(self) -> None:
-        if not bool(self.initialized):
+        # Reading the buffer on every call would synchronise a GPU once per layer; cache it until the next load.
+        if not self._ready:
+            self._ready = bool(self.initialized)
+        if not self._ready:
             raise RuntimeError(
                 f"{type(self).__name__} is enabled but not initialised: run qat.calibrate(...) (activations) or "
                 "qat.initialize_weight_quantizers(...) (weights) before building the optimizer"
@@ -288,6 +296,7 @@ class FakeQuantizer(nn.Module):
         """Data-dependent initialisation from ``x`` with the config's ``init`` method; marks the quantizer ready."""
         self._write_init(*self._search(x))
         self.initialized.fill_(True)
+        self._ready = True
 
     @torch.no_grad()
     def initialize_from_rows_(self, rows: Tensor, index: int | None = None) -> None:
@@ -299,6 +308,7 @@ class FakeQuantizer(nn.Module):
             raise ValueError(f"{type(self).__name__} has no per-timestep table")
         self._write_init(*self._search_rows(rows))
         self.initialized.fill_(True)
+        self._ready = True
 
     def extra_repr(self) -> str:
         c = self.config

@@ -86,6 +86,10 @@ class TemporalLSQQuantizer(LSQQuantizer):
     ``(B,)`` long tensor so that one batch mixes timesteps) or :meth:`set_timestep` (timestep values, mapped with
     :func:`grid_position`); :func:`qat.timestep` does it for a whole model. A per-sample index of length ``B``
     also serves inputs whose batch is ``k * B`` with samples folded batch-major (``repeat_interleave``).
+
+    Optimisation note (a pinned decision, tested): rows not visited in a step get a zero gradient but still move
+    under Adam's momentum, as in the reference code. Online training visits one row per step; cached training
+    mixes timesteps so that most rows are visited in every batch.
     """
 
     def __init__(self, config: TemporalLSQConfig, num_channels: int | None = None, channel_axis: int = 0,
@@ -177,3 +181,4 @@ class TemporalLSQQuantizer(LSQQuantizer):
             self.step[index] = step
             self.zero_point[index] = zero
         self.initialized.fill_(True)
+        self._ready = True

@@ -285,3 +285,27 @@ def test_attach_timestep_hook_sets_rows_from_the_forward_call(hooked_unet) -> No
     assert torch.equal(out_kw, out_row9)
     assert not torch.equal(out_row0, out_row9)
     assert torch.equal(out_mixed, out_mixed_ref)
+
+
+def test_adam_momentum_keeps_moving_rows_not_visited_in_a_step() -> None:
+    """Pinned decision (style convention 3): unvisited table rows are not frozen.
+
+    After a step that visits row 0, a step that visits only row 1 still moves row 0 through Adam's momentum,
+    exactly as in the EfficientDM reference code (its per-step optimizer-state swap was disabled). Rows never
+    visited at all stay put, because their moments are zero.
+    """
+    torch.manual_seed(0)
+    q = TemporalLSQQuantizer(TemporalLSQConfig(n_bits=4, num_timesteps=3, learn_offset=True))
+    x = torch.randn(64) * 3
+    q.initialize_(x)
+    opt = torch.optim.AdamW(q.parameters(), lr=1e-2, weight_decay=0.0)
+    for row in (0, 1):
+        q.set_timestep_index(row)
+        before = q.step.detach().clone()
+        opt.zero_grad()
+        (q(x) - x).pow(2).sum().backward()
+        assert q.step.grad[row] != 0 and q.step.grad[2] == 0
+        opt.step()
+    moved = q.step.detach() - before
+    assert moved[0] != 0  # row 0 moved in the step that only visited row 1
+    assert moved[2] == 0  # row 2 was never visited
