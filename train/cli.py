@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> Path:
         if ptq_path.exists() and ckpt is not None:
             ptq = json.loads(ptq_path.read_text())
         else:
-            ptq, ptq_samples = _evaluate(student, held, cfg, teacher, None)
+            ptq, _ = _evaluate(student, held, cfg, teacher, None)
             ptq_path.write_text(json.dumps(ptq, indent=2))
 
     if tr.mode == "online":
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> Path:
     if trainer.global_rank == 0:  # 7.
         save_student(student, teacher, out / "student", cfg)
         if held is not None:
-            trained, qat_samples = _evaluate(student, held, cfg, teacher, None)
+            trained, _ = _evaluate(student, held, cfg, teacher, None)
             _write_summary(out, cfg, ptq, trained, time.time() - start)
             logger.experiment.add_scalar("eval/heldout_eps_mse_ptq", ptq["eps_mse"], trainer.global_step)
             logger.experiment.add_scalar("eval/heldout_eps_mse_qat", trained["eps_mse"], trainer.global_step)
