@@ -167,3 +167,39 @@ def test_student_reloads_from_saved_safetensors(tiny_teacher: Path, tmp_path: Pa
     student, _ = build_student(cfg, teacher)
     student.load_state_dict(load_file(str(run / "student" / "student.safetensors")), strict=True)
     assert qat.is_initialized(student)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["teacher.dtype=bf16", "trainer.precision=bf16-mixed", "trajectories.loss_target=branches"],
+        ["trajectories.mode=cached", "trainer.gradient_clip_val=0.5", "calibration.per_timestep=true"],
+    ],
+    ids=["bf16-branches", "cached-clip-per-timestep"],
+)
+def test_precision_loss_and_data_variants_train(extra: list[str], tiny_teacher: Path, tmp_path: Path) -> None:
+    run = main(["config=efficientdm_digits.yaml", *fast_overrides(tiny_teacher, tmp_path / "run", steps=3), *extra])
+    losses = [e.value for e in _events(run).Scalars("train/loss")]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    state = load_file(str(run / "student" / "student.safetensors"))
+    assert all(v.dtype == torch.float32 for k, v in state.items() if "lora_" in k)  # the student stays fp32
+
+
+def test_prompt_embedding_conditioning(tiny_teacher: Path, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    embeds = tmp_path / "prompts.safetensors"
+    save_file({"prompt_embeds": torch.randn(5, 3, 8), "negative_prompt_embeds": torch.randn(1, 3, 8)}, str(embeds))
+    cfg = load_config(["config=efficientdm_digits.yaml", f"teacher.path={tiny_teacher}",
+                       "teacher.conditioning=prompt_embeds", f"teacher.prompt_embeds_path={embeds}"])
+    teacher = load_teacher(cfg.teacher)
+    assert teacher.num_classes == 5
+    cond, uncond = teacher.contexts(torch.tensor([4, 0]))
+    assert cond.shape == (2, 3, 8) and torch.equal(uncond[0], uncond[1])
+    run = main(["config=efficientdm_digits.yaml", *fast_overrides(tiny_teacher, tmp_path / "run"),
+                "teacher.conditioning=prompt_embeds", f"teacher.prompt_embeds_path={embeds}"])
+    assert (run / "student" / "student.safetensors").is_file()
+    save_file({"prompt_embeds": torch.randn(5, 3, 8)}, str(embeds))
+    with pytest.raises(ValueError, match=r"missing tensors \['negative_prompt_embeds'\]"):
+        load_teacher(cfg.teacher)
