@@ -226,7 +226,7 @@ def _lr_at(step: int, total: int, base_lr: float, warmup: int) -> float:
     return base_lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def _usable_cpus() -> int:
+def usable_cpus() -> int:
     """CPUs this process may run on (respects taskset / cgroup affinity, unlike ``os.cpu_count``)."""
     try:
         return len(os.sched_getaffinity(0))
@@ -234,7 +234,8 @@ def _usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _machine_description() -> str:
+def machine_description() -> str:
+    """CPU model, usable cores and torch version, for the READMEs of trained artifacts."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -245,7 +246,7 @@ def _machine_description() -> str:
     except OSError:
         pass
     threads = torch.get_num_threads()
-    return f"{cpu}, {_usable_cpus()} usable logical CPU(s), {threads} torch thread(s), torch {torch.__version__}"
+    return f"{cpu}, {usable_cpus()} usable logical CPU(s), {threads} torch thread(s), torch {torch.__version__}"
 
 
 def train(args: argparse.Namespace) -> dict[str, float]:
@@ -407,7 +408,7 @@ scheduler = DDPMScheduler.from_pretrained("assets/digits_teacher", subfolder="sc
 | final training loss (eps MSE, mean of last 100 steps) | {metrics["final_loss"]:.4f} |
 | eval loss (EMA weights, whole dataset, fixed noise) | {metrics["eval_loss"]:.4f} |
 | training wall time | {metrics["wall_s"]:.0f} s ({metrics["wall_s"] / args.steps:.2f} s/step) |
-| machine | {_machine_description()} |
+| machine | {machine_description()} |
 
 Training is deterministic for a given machine and thread count; a different CPU or thread count can change the
 last bits of the floating-point results and hence the weights.
@@ -430,7 +431,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--label-dropout", type=float, default=0.1, help="probability of training on the null class")
     parser.add_argument("--ema-decay", type=float, default=0.99)
-    parser.add_argument("--threads", type=int, default=min(4, _usable_cpus()), help="torch intra-op threads")
+    parser.add_argument("--threads", type=int, default=min(4, usable_cpus()), help="torch intra-op threads")
     parser.add_argument("--device", default="cpu", help="torch device; the shipped teacher was trained on cpu")
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--grid", default=None, help="optional PNG path for a 10-row sample grid after training")
