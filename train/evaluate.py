@@ -6,11 +6,10 @@ generalisation over ``(x_t, t, c)``, not memorisation of the training trajectori
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
+from train.metrics import psnr
 from train.teacher import Teacher
 from train.trajectories import _trajectories, guided_eps, sample, trajectory_start
 
@@ -69,6 +68,5 @@ def sample_fidelity(model: nn.Module, teacher: Teacher, num_samples: int, num_st
     if reference is None:
         reference, _ = sample(teacher.unet, teacher, labels, noise, num_steps, guidance)
     out, _ = sample(model, teacher, labels, noise, num_steps, guidance)
-    mse = float((out.clamp(-1, 1) - reference.clamp(-1, 1)).pow(2).mean())
-    psnr = math.inf if mse == 0 else 10 * math.log10(4.0 / mse)
-    return {"sample_mse": mse, "psnr_vs_fp": psnr}, out
+    a, b = out.clamp(-1, 1), reference.clamp(-1, 1)
+    return {"sample_mse": float((a - b).pow(2).mean()), "psnr_vs_fp": psnr(a, b, data_range=2.0)}, out
