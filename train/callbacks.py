@@ -110,9 +110,8 @@ class QuantizerTelemetry(L.Callback):
             if layer.weight_quantizer is not None:
                 wq = layer.weight_quantizer
                 w_steps.append(float(wq.step.abs().mean()))
-                codes = wq.integer_codes(layer.weight)  # already clipped; compare with unclipped codes
                 xv, s, z = wq._grid(layer.weight.float())
-                raw = (xv / s + z).reshape(codes.shape)
+                raw = xv / s + z  # unclipped codes
                 w_clip.append(float(((raw < wq.q_min - 0.5) | (raw > wq.q_max + 0.5)).float().mean()))
             if layer.act_quantizer is not None and hasattr(layer.act_quantizer, "step"):
                 a_steps.append(layer.act_quantizer.step.detach().flatten().cpu())

@@ -243,12 +243,19 @@ class FakeQuantizer(nn.Module):
             return x.reshape(c, g, -1), step[..., None], round_ste(zero)[..., None]
         return x, self._broadcast(step, x), round_ste(self._broadcast(zero, x))
 
+    def _codes(self, x: Tensor, delta: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """``(codes, step, zero)`` in the parameter view of ``x``: ``clip(clip(round(x/s) + z) + round(delta/s))``."""
+        xv, step, zero = self._grid(x.float())
+        q = torch.clamp(round_ste(xv / step) + zero, self.q_min, self.q_max)
+        if delta is not None:
+            q = torch.clamp(q + round_ste(delta.float().reshape(xv.shape) / step), self.q_min, self.q_max)
+        return q, step, zero
+
     def forward(self, x: Tensor) -> Tensor:
         """Fake-quantizes ``x`` (any shape; the computation runs in float32 and returns ``x.dtype``)."""
         if not self.enabled:
             return x
-        xv, step, zero = self._grid(x.float())
-        q = torch.clamp(round_ste(xv / step) + zero, self.q_min, self.q_max)
+        q, step, zero = self._codes(x, None)
         return ((q - zero) * step).reshape(x.shape).to(x.dtype)
 
     def integer_codes(self, x: Tensor, delta: Tensor | None = None) -> Tensor:
@@ -256,13 +263,9 @@ class FakeQuantizer(nn.Module):
 
         ``delta`` (same shape as ``x``) is an update added in the integer domain, as QALoRA's merge does
         (EfficientDM Sec. 3.1: the LoRA product moves the stored integer weight by ``round(BA / s)``).
-        Gradients flow through the STE, so this is also the differentiable forward of :meth:`forward_with_delta`.
+        Gradients flow through the STE.
         """
-        xv, step, zero = self._grid(x.float())
-        q = torch.clamp(round_ste(xv / step) + zero, self.q_min, self.q_max)
-        if delta is not None:
-            q = torch.clamp(q + round_ste(delta.float().reshape(xv.shape) / step), self.q_min, self.q_max)
-        return q.reshape(x.shape)
+        return self._codes(x, delta)[0].reshape(x.shape)
 
     def dequantize(self, codes: Tensor) -> Tensor:
         """``s * (codes - z)``, the inverse of :meth:`integer_codes` on the grid."""
@@ -277,7 +280,8 @@ class FakeQuantizer(nn.Module):
         """
         if not self.enabled:
             return w + delta
-        return self.dequantize(self.integer_codes(w, delta)).to(w.dtype)
+        q, step, zero = self._codes(w, delta)  # one parameter lookup for codes and dequantisation
+        return ((q - zero) * step).reshape(w.shape).to(w.dtype)
 
     @torch.no_grad()
     def _search(self, x: Tensor) -> tuple[Tensor, Tensor]:
