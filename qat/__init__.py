@@ -8,9 +8,12 @@ Plain PyTorch (plus peft for LoRA); nothing here imports Lightning. The usual fl
     groups = qat.param_groups(unet)              # scale-aware LoRA LRs, quantizer LRs
     ...                                          # train with `with qat.timestep(unet, t): unet(...)`
     qat.convert(unet)                            # merge QALoRA into the integer weights
+    qat.export_quantized(unet, "out/unet")       # packed low-bit weights + config.json + model card
+    unet = qat.load_quantized("out/unet")        # ... and back, without peft or the training code
 """
 
 from qat.calibration import calibrate, initialize_weight_quantizers, is_initialized
+from qat.export import export_quantized, export_sizes, load_quantized
 from qat.nn import QALoRAConv2d, QALoRALinear, QuantAttnProcessor, QuantConv2d, QuantLinear
 from qat.optim import param_groups, scale_aware_gradient_hooks
 from qat.prepare import LayerRule, PrepareReport, QuantSpec, convert, prepare, quant_layers, summary
@@ -45,4 +48,5 @@ __all__ = [
     "param_groups", "scale_aware_gradient_hooks",
     "timestep", "timestep_index", "set_timestep", "set_timestep_index", "clear_timestep", "set_timestep_grid",
     "attach_timestep_hook",
+    "export_quantized", "load_quantized", "export_sizes",
 ]
