@@ -14,7 +14,7 @@ ${LAUNCH:-python3} train.py config=efficientdm_ldm4.yaml teacher.path="$teacher"
   eval.num_trajectories=2 eval.num_steps=20 monitor.sample_labels=[88,417] monitor.sample_steps=20 \
   monitor.sample_every_n_steps=0 monitor.telemetry_every_n_steps=30 monitor.checkpoint_every_n_steps=60 "$@"
 echo "wall time: $(( $(date +%s) - start )) s"
-cat "$out/summary.md"
+cat "$out/report.md"
 python3 - "$out" <<'PY'
 import statistics, sys
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -41,6 +41,7 @@ def param_groups(
     act_step_lr: float = 5e-4,
     quantizer_weight_decay: float = 0.0,
     lora_weight_decay: float = 0.0,
+    act_scale_aware: bool = False,
 ) -> list[dict[str, Any]]:
     """Parameter groups by role for ``torch.optim`` optimizers; each group has a ``name`` for logging.
 
@@ -54,6 +55,11 @@ def param_groups(
         quantizer_weight_decay: weight decay of quantizer parameters; 0 by default (the reference's AdamW default
             of 0.01 also decays the scales, which shrinks ranges for no reason).
         lora_weight_decay: weight decay of LoRA matrices.
+        act_scale_aware: one group per activation quantizer whose steps get ``lr = act_step_lr * mean(|s_a|)``
+            (a relative rate: Adam moves every parameter by about ``lr`` per update whatever its gradient, so one
+            absolute rate is 16x larger relative to 8-bit steps than to 4-bit ones and wrecks 8-bit activation
+            ranges). Zero-points are in integer units, already scale-free, and keep ``act_step_lr`` itself.
+            Off by default: EfficientDM uses one absolute rate.
 
     Returns:
         groups ``{"name", "params", "lr", "weight_decay"}``; only parameters with ``requires_grad`` appear.
@@ -76,17 +82,24 @@ def param_groups(
         params = [p for layer in lora.values() for p in (*layer.lora_A.parameters(), *layer.lora_B.parameters())]
         add("lora", params, lora_lr, lora_weight_decay)
 
-    weight_q, act_q = [], []
-    for layer in quant_layers(model).values():
+    weight_q, act_quantizers = [], {}
+    for name, layer in quant_layers(model).items():
         if layer.weight_quantizer is not None:
             weight_q += list(layer.weight_quantizer.parameters())
         if layer.act_quantizer is not None:
-            act_q += list(layer.act_quantizer.parameters())
-    for module in model.modules():
+            act_quantizers[f"{name}.act_quantizer"] = layer.act_quantizer
+    for name, module in model.named_modules():
         if isinstance(module, QuantAttnProcessor):
-            act_q += list(module.parameters())
+            act_quantizers.update({f"{name}.{n}": q for n, q in module.named_children()})
     add("weight_quantizers", weight_q, weight_step_lr, quantizer_weight_decay)
-    add("act_quantizers", act_q, act_step_lr, quantizer_weight_decay)
+    if act_scale_aware:
+        for name, q in act_quantizers.items():
+            step = getattr(q, "step", None)
+            if isinstance(step, nn.Parameter) and step.requires_grad:
+                add(f"act_step/{name}", [step], act_step_lr * float(step.detach().abs().mean()),
+                    quantizer_weight_decay)
+    add("act_quantizers", [p for q in act_quantizers.values() for p in q.parameters()], act_step_lr,
+        quantizer_weight_decay)
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
     if rest:
         names = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]

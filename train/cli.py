@@ -2,14 +2,17 @@
 
 Steps: (1) load and validate the config, (2) load the teacher, (3) build the student, (4) PTQ-calibrate it (or
 restore it from the checkpoint being resumed), (5) measure the PTQ starting point, (6) train with Lightning,
-(7) save the student and a quality summary. Works under ``python``, ``torchrun`` and ``accelerate launch`` (each
-process reads its rank from the launcher's environment; Lightning sets up the process group).
+(7) save the student, write the evaluation report (``report.json``, ``report.md``, PNG plots; see
+:mod:`train.report`) and the packed low-bit export (``<output_dir>/export``). Works under ``python``, ``torchrun``
+and ``accelerate launch`` (each process reads its rank from the launcher's environment; Lightning sets up the process
+group).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -21,14 +24,15 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 import qat
 from qat.methods import METHODS
 from train.callbacks import QuantizerTelemetry, SampleGrid
 from train.config import ConfigError, RunConfig, load_config, to_yaml
-from train.evaluate import HeldOut, heldout_eps_mse, sample_fidelity
+from train.evaluate import Evaluator, SampleSet
+from train.report import sanitize, write_run_report
 from train.system import DistillQATSystem
 from train.teacher import Teacher, load_teacher
 from train.trajectories import CachedTrajectories, OnlineTrajectories, _trajectories, generate_cache, guided_eps
@@ -101,29 +105,28 @@ def _restore_student(student: torch.nn.Module, ckpt: str) -> None:
                          f"unexpected {unexpected[:5]}; {hint}")
 
 
-def _evaluate(model: torch.nn.Module, held: HeldOut | None, cfg: RunConfig, teacher: Teacher,
-              reference: torch.Tensor | None) -> tuple[dict[str, Any], torch.Tensor]:
-    metrics: dict[str, Any] = heldout_eps_mse(model, held) if held is not None else {}
-    fid, samples = sample_fidelity(model, teacher, len(cfg.monitor.sample_labels), cfg.eval.num_steps,
-                                   cfg.trajectories.guidance_scale, cfg.eval.seed, reference)
-    metrics.update(fid)
+def _save_samples(path: Path, samples: SampleSet) -> None:
+    save_file({"images": samples.images.contiguous(), "labels": samples.labels, "indices": samples.indices},
+              str(path))
+
+
+def _load_samples(path: Path) -> SampleSet:
+    t = load_file(str(path))
+    return SampleSet(t["images"], t["labels"], t["indices"])
+
+
+def _ptq_start(cfg: RunConfig, evaluator: Evaluator, student: torch.nn.Module, out: Path,
+               resumed: bool) -> tuple[dict[str, Any], SampleSet]:
+    """Metrics and samples of the calibrated student before training; a resumed run reads the saved ones."""
+    ev_dir = out / "eval"
+    ev_dir.mkdir(exist_ok=True)
+    metrics_path, samples_path = ev_dir / "ptq.json", ev_dir / "ptq_samples.safetensors"
+    if resumed and metrics_path.exists() and samples_path.exists():
+        return json.loads(metrics_path.read_text()), _load_samples(samples_path)
+    metrics, samples = evaluator.evaluate(student)
+    metrics_path.write_text(json.dumps(sanitize(metrics), indent=2))
+    _save_samples(samples_path, samples)
     return metrics, samples
-
-
-def _write_summary(out: Path, cfg: RunConfig, ptq: dict[str, Any], trained: dict[str, Any], seconds: float) -> None:
-    summary = {"method": cfg.method, "bits": f"W{cfg.efficientdm.weight_bits}A{cfg.efficientdm.act_bits}",
-               "teacher": cfg.teacher.path, "train_steps": cfg.trainer.max_steps, "wall_time_s": round(seconds, 1),
-               "ptq": ptq, "qat": trained}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    rows = [("held-out eps-MSE vs teacher", "eps_mse"), ("final-sample MSE vs teacher", "sample_mse"),
-            ("final-sample PSNR vs teacher (dB)", "psnr_vs_fp")]
-    lines = [f"# {cfg.method} {summary['bits']} on {cfg.teacher.path}", "", "| metric | PTQ start | trained |",
-             "|---|---|---|"]
-    for label, key in rows:
-        if key in ptq or key in trained:
-            lines.append(f"| {label} | {ptq.get(key, float('nan')):.6g} | {trained.get(key, float('nan')):.6g} |")
-    lines.append(f"\n{cfg.trainer.max_steps} training steps in {seconds:.0f} s.")
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
 
 
 def _quiet_known_warnings() -> None:
@@ -158,16 +161,11 @@ def main(argv: list[str] | None = None) -> Path:
         calibrate_student(cfg, student, teacher, device)
 
     tr = cfg.trajectories
-    held = None
-    ptq_path = out / "ptq_eval.json"
-    if cfg.eval.enabled and rank == 0:  # 5.
-        held = HeldOut(teacher, cfg.eval.num_trajectories, cfg.eval.num_steps, tr.eta, tr.guidance_scale,
-                       cfg.eval.seed, device)
-        if ptq_path.exists() and ckpt is not None:
-            ptq = json.loads(ptq_path.read_text())
-        else:
-            ptq, _ = _evaluate(student, held, cfg, teacher, None)
-            ptq_path.write_text(json.dumps(ptq, indent=2))
+    evaluator: Evaluator | None = None
+    if cfg.eval.enabled and rank == 0:  # 5. FP references and the PTQ starting point
+        evaluator = Evaluator(cfg.eval, teacher, tr.eta, tr.guidance_scale, device, cache_dir=str(out / "eval_cache"))
+        fp_metrics, _ = evaluator.evaluate(None)
+        ptq, ptq_samples = _ptq_start(cfg, evaluator, student, out, resumed=ckpt is not None)
 
     if tr.mode == "online":
         data: OnlineTrajectories | CachedTrajectories = OnlineTrajectories(
@@ -200,13 +198,23 @@ def main(argv: list[str] | None = None) -> Path:
     teacher.to(device)
     if trainer.global_rank == 0:  # 7.
         save_student(student, teacher, out / "student", cfg)
-        if held is not None:
-            trained, _ = _evaluate(student, held, cfg, teacher, None)
-            _write_summary(out, cfg, ptq, trained, time.time() - start)
-            logger.experiment.add_scalar("eval/heldout_eps_mse_ptq", ptq["eps_mse"], trainer.global_step)
-            logger.experiment.add_scalar("eval/heldout_eps_mse_qat", trained["eps_mse"], trainer.global_step)
+        if evaluator is not None:
+            trained, qat_samples = evaluator.evaluate(student)
+            variants = {"fp": fp_metrics, "ptq": ptq, "qat": trained}
+            samples = {"fp": evaluator.fp_samples, "ptq": ptq_samples, "qat": qat_samples}
+            paths = write_run_report(out, cfg, evaluator, variants, samples, train_steps=cfg.trainer.max_steps,
+                                     wall_time_s=round(time.time() - start, 1))
+            for name, metrics in variants.items():
+                for key, value in metrics.items():
+                    if isinstance(value, float) and math.isfinite(value):
+                        logger.experiment.add_scalar(f"eval/{key}/{name}", value, trainer.global_step)
             logger.experiment.flush()
-            print(f"held-out eps-MSE vs teacher: PTQ {ptq['eps_mse']:.6g} -> trained {trained['eps_mse']:.6g}")
+            print(f"held-out eps-MSE vs teacher: PTQ {ptq['eps_mse']:.6g} -> trained {trained['eps_mse']:.6g}; "
+                  f"report: {paths['md']}")
+        if cfg.export:  # after the report, so the model card carries the evaluation
+            from train.export_run import export_run
+
+            export_run(student, teacher, cfg, out / "export", run_dir=out)
     return out
 
 

@@ -60,6 +60,8 @@ class TeacherConfig:
         class_embedder_subfolder: subfolder of the :class:`train.models.ClassEmbedder` (``class`` conditioning).
         prompt_embeds_path: safetensors file with ``prompt_embeds (N, L, D)`` and ``negative_prompt_embeds (1, L, D)``.
         dtype: teacher precision, ``fp32`` or ``bf16``.
+        vae_subfolder: subfolder of the latent decoder (``VQModel`` / ``AutoencoderKL``) of latent models, used
+            only to decode evaluation samples to images; None for pixel-space models.
     """
 
     path: str = MISSING
@@ -69,6 +71,7 @@ class TeacherConfig:
     class_embedder_subfolder: str = "class_embedder"
     prompt_embeds_path: str | None = None
     dtype: str = "fp32"
+    vae_subfolder: str | None = None
 
 
 @dataclass
@@ -129,7 +132,10 @@ class OptimConfig:
             else the LoRA learning rate.
         scale_aware: EfficientDM's scale-aware LoRA optimisation (per-layer learning rates).
         weight_step_lr: learning rate of the weight steps (EfficientDM: 1e-6).
-        act_step_lr: learning rate of the temporal activation steps and offsets (EfficientDM: 5e-4).
+        act_step_lr: learning rate of the temporal activation steps and offsets (EfficientDM: 5e-4); with
+            ``act_scale_aware`` the factor ``c`` in ``lr = c * mean(|s_a|)`` of each activation quantizer's steps.
+        act_scale_aware: relative (scale-aware) activation-step learning rates, see :func:`qat.param_groups`;
+            needed when one recipe serves 4- and 8-bit activations (a DiffQAT option, off in the paper recipe).
         quantizer_weight_decay: AdamW weight decay of quantizer parameters (default 0; the reference used 0.01).
         lora_weight_decay: AdamW weight decay of LoRA matrices.
         warmup_steps: linear warm-up steps before the linear decay.
@@ -140,6 +146,7 @@ class OptimConfig:
     scale_aware: bool = True
     weight_step_lr: float = 1e-6
     act_step_lr: float = 5e-4
+    act_scale_aware: bool = False
     quantizer_weight_decay: float = 0.0
     lora_weight_decay: float = 0.0
     warmup_steps: int = 0
@@ -185,27 +192,62 @@ class MonitorConfig:
 
 @dataclass
 class EvalConfig:
-    """Held-out quality of the student against the teacher, measured before and after training.
+    """How a run measures its student against the teacher (``report.json``), before and after training.
 
     Args:
-        num_trajectories: held-out teacher trajectories (their seeds never occur in training).
+        enabled: run the evaluation (PTQ start, trained student, FP teacher).
+        num_trajectories: held-out teacher trajectories for the per-step eps-MSE (seeds never used in training).
         num_steps: DDIM steps of the held-out trajectories.
-        seed: seed of the held-out trajectories.
-        enabled: run the evaluation.
+        seed: seed of the held-out trajectories and of the evaluation samples (sample ``i`` uses ``seed + i``).
+        num_samples: samples per variant for sample fidelity and distribution metrics (labels balanced over
+            classes, the ADM protocol).
+        scheduler: diffusers scheduler of the sampling pipeline: ``ddim``, ``ddpm``, ``pndm``, ``dpmsolver``,
+            ``unipc``, ``euler``, ``euler_a``, ``heun`` or any diffusers scheduler class name.
+        sampling_steps: sampler steps (temporal quantizers are remapped to the sampler's timesteps).
+        guidance_scale: CFG scale of the samples; None uses ``trajectories.guidance_scale``.
+        eta: DDIM eta of the samples (0: deterministic).
+        batch_size: samples per pipeline call.
+        features: distribution metrics: ``digits`` (FD-digits and class accuracy with the shipped digits
+            classifier), ``inception`` (FID, sFID, IS, precision/recall; needs ``inception_path`` and
+            ``reference_path``) or ``none``.
+        classifier_path: digits classifier directory (``features=digits``).
+        inception_path: local Inception-V3 weights file (``features=inception``); nothing is downloaded.
+        reference_path: real reference images, ADM-layout ``.npz`` (``arr_0`` uint8 NHWC); for ``digits`` the
+            embedded real digits when None.
+        stats_cache_dir: where reference statistics are cached (None: ``<output_dir>/eval_cache``).
+        save_npz: write each variant's samples as ADM-layout ``samples/<variant>.npz``.
+        grid_size: samples per variant in the side-by-side PNG grid.
     """
 
+    enabled: bool = True
     num_trajectories: int = 16
     num_steps: int = 100
     seed: int = 999_999
-    enabled: bool = True
+    num_samples: int = 100
+    scheduler: str = "ddim"
+    sampling_steps: int = 20
+    guidance_scale: float | None = None
+    eta: float = 0.0
+    batch_size: int = 64
+    features: str = "none"
+    classifier_path: str | None = None
+    inception_path: str | None = None
+    reference_path: str | None = None
+    stats_cache_dir: str | None = None
+    save_npz: bool = True
+    grid_size: int = 20
 
 
 @dataclass
 class RunConfig:
-    """Everything a run needs. Sections map one-to-one to the YAML recipes in ``configs/``."""
+    """Everything a run needs. Sections map one-to-one to the YAML recipes in ``configs/``.
+
+    ``export``: write the packed low-bit model (:mod:`train.export_run`) to ``<output_dir>/export`` at the end.
+    """
 
     method: str = "efficientdm"
     output_dir: str = "runs/default"
+    export: bool = True
     resume: str | None = None
     seed: int = 0
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -240,7 +282,8 @@ def validate(cfg: RunConfig) -> None:
                        ("trajectories.shard_size", tr.shard_size), ("trainer.max_steps", cfg.trainer.max_steps),
                        ("calibration.num_trajectories", cfg.calibration.num_trajectories),
                        ("calibration.max_batches", cfg.calibration.max_batches),
-                       ("eval.num_trajectories", cfg.eval.num_trajectories)):
+                       ("eval.num_trajectories", cfg.eval.num_trajectories),
+                       ("eval.sampling_steps", cfg.eval.sampling_steps), ("eval.batch_size", cfg.eval.batch_size)):
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
     if tr.guidance_scale != 1.0 and t.conditioning == "none":
@@ -259,8 +302,32 @@ def validate(cfg: RunConfig) -> None:
     _one_of("trainer.precision", str(cfg.trainer.precision), _PRECISIONS)
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas: needs two values, got {list(cfg.optim.betas)}")
+    _validate_eval(cfg.eval)
     if cfg.resume not in (None, "last") and not Path(cfg.resume).is_file():
         raise ConfigError(f"resume: {cfg.resume!r} is neither 'last' nor an existing checkpoint file")
+
+
+def _validate_eval(ev: EvalConfig) -> None:
+    from train.pipeline import scheduler_class
+
+    try:
+        scheduler_class(ev.scheduler)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    _one_of("eval.features", ev.features, ("digits", "inception", "none"))
+    if ev.num_samples < 2:
+        raise ConfigError(f"eval.num_samples: must be >= 2 (distribution statistics need two samples), got "
+                          f"{ev.num_samples}")
+    if not 0.0 <= ev.eta <= 1.0:
+        raise ConfigError(f"eval.eta: must be in [0, 1], got {ev.eta}")
+    if ev.grid_size < 0:
+        raise ConfigError(f"eval.grid_size: must be >= 0, got {ev.grid_size}")
+    if ev.features == "inception":
+        for key in ("inception_path", "reference_path"):
+            if not getattr(ev, key):
+                raise ConfigError(f"eval.{key}: required when eval.features is 'inception' (local Inception-V3 "
+                                  "weights and an ADM-layout .npz of real images; nothing is downloaded); or set "
+                                  "eval.features=none")
 
 
 def find_config(name: str) -> Path:

@@ -235,7 +235,7 @@ def usable_cpus() -> int:
 
 
 def machine_description() -> str:
-    """CPU model, usable cores and torch version, for the READMEs of trained artifacts."""
+    """CPU model, usable cores, GPU (if any) and torch version, for the READMEs of trained artifacts."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -246,7 +246,9 @@ def machine_description() -> str:
     except OSError:
         pass
     threads = torch.get_num_threads()
-    return f"{cpu}, {usable_cpus()} usable logical CPU(s), {threads} torch thread(s), torch {torch.__version__}"
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{cpu}, {usable_cpus()} usable logical CPU(s), {threads} torch thread(s){gpu}, "
+            f"torch {torch.__version__}")
 
 
 def train(args: argparse.Namespace) -> dict[str, float]:

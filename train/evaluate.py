@@ -1,19 +1,36 @@
-"""Quality of a student against its teacher: held-out eps-MSE along teacher trajectories and final-sample fidelity.
+"""How close a quantized student is to its full-precision teacher: fidelity and distribution metrics.
 
-The held-out trajectories use seeds that training never uses (``eval.seed``), so the numbers measure
-generalisation over ``(x_t, t, c)``, not memorisation of the training trajectories.
+Three kinds of numbers, computed the same way for every variant (``fp`` = the teacher, ``ptq`` = the calibrated
+student before training, ``qat`` = the trained student):
+
+* Trajectory fidelity: the CFG eps-MSE against the teacher on held-out teacher trajectories, overall and per
+  sampler step (:func:`heldout_eps_mse`). The seeds (``eval.seed``) never occur in training, so this measures
+  generalisation over ``(x_t, t, c)``, not memorisation.
+* Sample fidelity: final samples drawn from the same noise and labels as the teacher's, in the model's diffusers
+  pipeline with the configured scheduler (:func:`generate`), compared by PSNR / SSIM / MSE (:func:`fidelity`).
+* Distribution: FD-digits and class accuracy of class-conditional samples for the embedded digits domain, or FID,
+  sFID, IS and precision/recall with Inception features (:class:`DistributionScorer`).
+
+Sampling is sharded by sample index (:func:`shard_indices`): sample ``i`` has its own seed, so the gathered set is
+identical for any number of processes.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
-from torch import nn
+import torch.distributed as dist
+from torch import Tensor, nn
 
-from train.metrics import psnr
+from train.metrics import digits_fd_and_accuracy, extract_features, psnr, ssim
+from train.pipeline import QATDiffusionPipeline, sample_seeds
 from train.teacher import Teacher
-from train.trajectories import _trajectories, guided_eps, sample, trajectory_start
+from train.trajectories import _trajectories, guided_eps
 
-__all__ = ["HeldOut", "heldout_eps_mse", "sample_fidelity"]
+__all__ = ["HeldOut", "heldout_eps_mse", "SampleSet", "generate", "shard_indices", "gather_samples", "fidelity",
+           "merge_samples", "DistributionScorer", "Evaluator"]
 
 
 class HeldOut:
@@ -24,15 +41,23 @@ class HeldOut:
         self.teacher, self.guidance, self.num_steps, self.seed = teacher, guidance, num_steps, seed
         self.data = _trajectories(teacher, list(range(num_trajectories)), num_steps, eta, guidance, seed, device)
         self.num_trajectories = num_trajectories
+        #: sampler timestep of each step, in sampler order (high noise first)
+        self.timesteps = [int(t) for t in teacher.ddim(num_steps).timesteps]
 
 
 @torch.no_grad()
-def heldout_eps_mse(model: nn.Module, held: HeldOut, batch_size: int = 256) -> dict[str, float]:
-    """Mean squared error of the CFG eps of ``model`` against the teacher's on the held-out ``(x_t, t, c)``.
+def heldout_eps_mse(model: nn.Module, held: HeldOut, batch_size: int = 256) -> dict[str, Any]:
+    """Error of the CFG eps of ``model`` against the teacher's on the held-out ``(x_t, t, c)``.
+
+    ``eps_mse = mean_{n, t} ||eps_model(x_t, t, c) - eps_teacher(x_t, t, c)||^2 / D`` (CFG-combined eps, ``D``
+    elements per sample) is the distillation objective. Near ``t = 0`` the eps error barely moves the sample but
+    dominates that mean, so the implied clean-sample error is reported too:
+    ``x0_mse = mean (1 - abar_t) / abar_t * ||eps_model - eps_teacher||^2 / D``, since
+    ``x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)``.
 
     Returns:
-        ``{"eps_mse": overall mean, "eps_mse_by_step": [...]}`` with one value per trajectory step (high noise
-        first, in sampler order).
+        ``eps_mse``, ``x0_mse`` and their per-step means ``eps_mse_by_step`` / ``x0_mse_by_step`` (high noise
+        first, in sampler order; the timesteps are ``held.timesteps``).
     """
     device = next(model.parameters()).device
     d = held.data
@@ -48,25 +73,199 @@ def heldout_eps_mse(model: nn.Module, held: HeldOut, batch_size: int = 256) -> d
             eu = d["eps_uncond"][sl].to(device)
             target = eu + held.guidance * (target - eu)
         per_sample[sl] = (eps.float() - target).pow(2).flatten(1).mean(1).cpu()
+    abar = held.teacher.scheduler.alphas_cumprod.double()[d["t"].long().cpu()]
+    x0 = per_sample.double() * (1 - abar) / abar
     # _trajectories lays samples out step-major: (step, trajectory)
     by_step = per_sample.reshape(held.num_steps, held.num_trajectories).mean(1)
-    return {"eps_mse": float(per_sample.mean()), "eps_mse_by_step": [float(v) for v in by_step]}
+    x0_by_step = x0.reshape(held.num_steps, held.num_trajectories).mean(1)
+    return {"eps_mse": float(per_sample.mean()), "x0_mse": float(x0.mean()),
+            "eps_mse_by_step": [float(v) for v in by_step], "x0_mse_by_step": [float(v) for v in x0_by_step]}
+
+
+@dataclass
+class SampleSet:
+    """Generated samples: ``images`` float ``(N, C, H, W)`` in ``[-1, 1]`` (unclamped), ``labels`` and sample
+    ``indices`` ``(N,)``, all on the CPU and sorted by index."""
+
+    images: Tensor
+    labels: Tensor
+    indices: Tensor
+
+    def __len__(self) -> int:
+        return int(self.indices.numel())
+
+
+def shard_indices(num_samples: int, rank: int = 0, world_size: int = 1) -> list[int]:
+    """The sample indices process ``rank`` of ``world_size`` draws: ``rank, rank + world_size, ...``."""
+    return list(range(rank, num_samples, world_size))
 
 
 @torch.no_grad()
-def sample_fidelity(model: nn.Module, teacher: Teacher, num_samples: int, num_steps: int, guidance: float,
-                    seed: int, reference: torch.Tensor | None = None) -> tuple[dict[str, float], torch.Tensor]:
-    """Final samples of ``model`` from the same noise and labels as the teacher's (DDIM, eta 0).
+def generate(model: nn.Module, teacher: Teacher, indices: list[int], *, scheduler: str = "ddim", num_steps: int = 20,
+             guidance: float = 1.0, eta: float = 0.0, seed: int = 0, batch_size: int = 64,
+             balanced: bool = True) -> SampleSet:
+    """Samples ``indices`` with ``model`` in the teacher's diffusers pipeline (:class:`QATDiffusionPipeline`).
 
-    Returns:
-        ``({"sample_mse": ..., "psnr_vs_fp": ...}, samples)``; with no ``reference`` the teacher is sampled.
+    Labels and noise of sample ``i`` come from :func:`train.pipeline.sample_seeds` (seed ``seed + i``), so every
+    model sees the same noise and label for the same index, whatever the batching.
     """
-    device = next(model.parameters()).device
-    starts = [trajectory_start(teacher, i, seed) for i in range(num_samples)]
-    labels = torch.cat([s[0] for s in starts]).to(device)
-    noise = torch.cat([s[1] for s in starts]).to(device)
-    if reference is None:
-        reference, _ = sample(teacher.unet, teacher, labels, noise, num_steps, guidance)
-    out, _ = sample(model, teacher, labels, noise, num_steps, guidance)
-    a, b = out.clamp(-1, 1), reference.clamp(-1, 1)
-    return {"sample_mse": float((a - b).pow(2).mean()), "psnr_vs_fp": psnr(a, b, data_range=2.0)}, out
+    pipe = QATDiffusionPipeline.from_teacher(teacher, unet=model, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    images, labels = [], []
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start : start + batch_size]
+        lab, noise, gens = sample_seeds(chunk, teacher.num_classes, seed, teacher.sample_shape, balanced)
+        out = pipe(noise, lab, num_inference_steps=num_steps, guidance_scale=guidance, eta=eta, generator=gens)
+        images.append(out.images.float().cpu())
+        labels.append(lab)
+    shape = (0, *teacher.sample_shape)
+    return SampleSet(torch.cat(images) if images else torch.empty(shape),
+                     torch.cat(labels) if labels else torch.empty(0, dtype=torch.long),
+                     torch.tensor(indices, dtype=torch.long))
+
+
+def merge_samples(parts: list[SampleSet]) -> SampleSet:
+    """One set from shards, sorted by sample index (so the result does not depend on the number of shards)."""
+    idx = torch.cat([p.indices for p in parts])
+    order = idx.argsort()
+    return SampleSet(torch.cat([p.images for p in parts])[order], torch.cat([p.labels for p in parts])[order],
+                     idx[order])
+
+
+def gather_samples(local: SampleSet, world_size: int = 1) -> SampleSet:
+    """All ``world_size`` processes' shards on every process (``torch.distributed``), sorted by index.
+
+    ``world_size=1`` never communicates, even inside a process group: a run evaluates on rank 0 alone.
+    """
+    if world_size == 1:
+        return merge_samples([local])
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() != world_size:
+        raise RuntimeError(f"gather_samples: {world_size} shards need an initialised process group of that size")
+    parts: list[Any] = [None] * world_size
+    dist.all_gather_object(parts, (local.images, local.labels, local.indices))
+    return merge_samples([SampleSet(*p) for p in parts])
+
+
+def fidelity(samples: SampleSet, reference: SampleSet) -> dict[str, float]:
+    """Final-sample fidelity to the FP samples drawn from the same noise: MSE, PSNR and SSIM on ``[-1, 1]``.
+
+    Both sets are clamped to ``[-1, 1]`` (the range a user sees). SSIM needs images of at least 11x11.
+    """
+    if not torch.equal(samples.indices, reference.indices):
+        raise ValueError("fidelity: the sample sets hold different sample indices; compare samples drawn from the "
+                         "same seeds")
+    a, b = samples.images.clamp(-1, 1), reference.images.clamp(-1, 1)
+    out = {"sample_mse": float((a.double() - b.double()).pow(2).mean()), "psnr_vs_fp": psnr(a, b, data_range=2.0)}
+    if min(a.shape[-2:]) >= 11:
+        out["ssim_vs_fp"] = ssim(a, b, data_range=2.0)
+    return out
+
+
+class DistributionScorer:
+    """Distribution metrics of sample sets against a fixed real reference, featurised once.
+
+    Args:
+        kind: ``digits`` (FD-digits + class accuracy with the shipped digits classifier), ``inception`` (FID,
+            sFID, IS, precision/recall, see :mod:`train.fidelity`) or ``none``.
+        classifier_path: digits classifier directory (``digits``).
+        inception_path: local Inception-V3 weights (``inception``).
+        reference_path: real images, ADM-layout ``.npz`` (``inception``; for ``digits`` the embedded real digits
+            are used when None).
+        cache_dir: where reference statistics are cached (``inception``).
+        class_conditional: whether ``class_acc`` applies (class-conditional samples).
+        device: where the Inception network runs.
+    """
+
+    def __init__(self, kind: str, *, classifier_path: str | None = None, inception_path: str | None = None,
+                 reference_path: str | None = None, cache_dir: str | None = None,
+                 class_conditional: bool = True, device: torch.device | str = "cpu") -> None:
+        self.kind, self.class_conditional = kind, class_conditional
+        if kind == "digits":
+            from train.digits_classifier import load_digits_classifier
+            from train.digits_teacher import load_digits_tensor
+            from train.pipeline import load_adm_npz
+
+            self.classifier = load_digits_classifier(classifier_path) if classifier_path else \
+                load_digits_classifier()
+            real = load_adm_npz(reference_path)[0] if reference_path else load_digits_tensor(16)[0]
+            self.reference_features, _ = extract_features(self.classifier, real)
+        elif kind == "inception":
+            from train.fidelity import load_inception, reference_statistics
+
+            self.features = load_inception(inception_path, device=device)
+            # featurised once per run (and cached on disk across runs, keyed by file contents and weights)
+            self.reference = reference_statistics(reference_path, self.features, cache_dir=cache_dir)
+        elif kind != "none":
+            raise ValueError(f"eval.features: unknown kind {kind!r}; use 'digits', 'inception' or 'none'")
+
+    def __call__(self, samples: SampleSet) -> dict[str, float]:
+        images = samples.images.clamp(-1, 1)
+        if self.kind == "digits":
+            out = digits_fd_and_accuracy(self.classifier, images, samples.labels, self.reference_features)
+            if not self.class_conditional:
+                out.pop("class_acc")
+            return out
+        if self.kind == "inception":
+            from train.fidelity import distribution_metrics
+
+            return distribution_metrics(images, self.reference, self.features)
+        return {}
+
+
+class Evaluator:
+    """Everything a run compares: the held-out trajectories, the FP samples and the distribution scorer.
+
+    Built once (the teacher's trajectories and samples, and the real reference features, are computed here), then
+    :meth:`evaluate` scores any number of models against the same references.
+
+    Args:
+        ev: the run's ``eval`` config section.
+        teacher: the loaded teacher.
+        trajectory_eta, trajectory_guidance: the training trajectories' DDIM eta and CFG scale; the held-out
+            trajectories use them so that the eps-MSE is measured on the training distribution of ``(x_t, t)``.
+        device: where models run.
+        cache_dir: reference-statistics cache (Inception features).
+        rank, world_size: sample shard of this process; :func:`gather_samples` reassembles the set.
+    """
+
+    def __init__(self, ev: Any, teacher: Teacher, trajectory_eta: float, trajectory_guidance: float,
+                 device: torch.device | str, cache_dir: str | None = None, rank: int = 0,
+                 world_size: int = 1) -> None:
+        self.ev, self.teacher = ev, teacher
+        self.guidance = trajectory_guidance if ev.guidance_scale is None else ev.guidance_scale
+        self.held = HeldOut(teacher, ev.num_trajectories, ev.num_steps, trajectory_eta, trajectory_guidance,
+                            ev.seed, device)
+        self.scorer = DistributionScorer(ev.features, classifier_path=ev.classifier_path,
+                                         inception_path=ev.inception_path, reference_path=ev.reference_path,
+                                         cache_dir=ev.stats_cache_dir or cache_dir,
+                                         class_conditional=teacher.conditioning == "class", device=device)
+        self.world_size = world_size
+        self.indices = shard_indices(ev.num_samples, rank, world_size)
+        self.fp_samples = self.samples(teacher.unet)
+
+    def samples(self, model: nn.Module) -> SampleSet:
+        """``eval.num_samples`` samples of ``model`` (this process's shard, then gathered)."""
+        ev = self.ev
+        local = generate(model, self.teacher, self.indices, scheduler=ev.scheduler, num_steps=ev.sampling_steps,
+                         guidance=self.guidance, eta=ev.eta, seed=ev.seed, batch_size=ev.batch_size)
+        return gather_samples(local, self.world_size)
+
+    def sampler_info(self) -> dict[str, Any]:
+        ev = self.ev
+        return {"scheduler": ev.scheduler, "steps": ev.sampling_steps, "guidance_scale": self.guidance,
+                "eta": ev.eta, "num_samples": ev.num_samples, "seed": ev.seed, "features": ev.features}
+
+    def heldout_info(self) -> dict[str, Any]:
+        return {"num_trajectories": self.held.num_trajectories, "num_steps": self.held.num_steps,
+                "timesteps": self.held.timesteps}
+
+    def evaluate(self, model: nn.Module | None) -> tuple[dict[str, Any], SampleSet]:
+        """Metrics and samples of ``model``; ``None`` evaluates the FP teacher (distribution metrics only)."""
+        if model is None:
+            return self.scorer(self.fp_samples), self.fp_samples
+        metrics: dict[str, Any] = {}
+        samples = self.samples(model)
+        metrics.update(self.scorer(samples))
+        metrics.update(fidelity(samples, self.fp_samples))
+        metrics.update(heldout_eps_mse(model, self.held))
+        return metrics, samples

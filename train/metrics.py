@@ -22,6 +22,8 @@ __all__ = [
     "digits_fd_and_accuracy",
     "extract_features",
     "frechet_distance",
+    "frechet_distance_from_statistics",
+    "mean_and_cov",
     "psnr",
     "ssim",
 ]
@@ -72,7 +74,8 @@ def ssim(a: Tensor, b: Tensor, data_range: float = 2.0) -> float:
     return float(value)
 
 
-def _mean_and_cov(feats: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def mean_and_cov(feats: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean ``(F,)`` and unbiased covariance ``(F, F)`` of an ``(N, F)`` feature matrix, in float64."""
     x = np.asarray(feats.detach().cpu().double() if isinstance(feats, Tensor) else feats, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] < 2:
         raise ValueError(f"frechet_distance: need a (N, F) feature matrix with N >= 2, got shape {x.shape}")
@@ -105,18 +108,44 @@ def frechet_distance(feats_a: Tensor | np.ndarray, feats_b: Tensor | np.ndarray)
     Returns:
         The squared Frechet distance ``d^2`` (non-negative; FID reports this quantity without a square root).
     """
-    mu_a, cov_a = _mean_and_cov(feats_a)
-    mu_b, cov_b = _mean_and_cov(feats_b)
-    if mu_a.shape != mu_b.shape:
-        raise ValueError(f"frechet_distance: feature widths differ, {mu_a.shape[0]} vs {mu_b.shape[0]}")
-    sqrt_a = _sym_sqrt(cov_a)
-    inner = sqrt_a @ cov_b @ sqrt_a
-    eig = np.linalg.eigvalsh((inner + inner.T) / 2.0)
-    tr_covmean = np.sqrt(np.clip(eig, 0.0, None)).sum()
+    return frechet_distance_from_statistics(*mean_and_cov(feats_a), *mean_and_cov(feats_b))
+
+
+def frechet_distance_from_statistics(mu_a: np.ndarray | Tensor, sigma_a: np.ndarray | Tensor,
+                                     mu_b: np.ndarray | Tensor, sigma_b: np.ndarray | Tensor) -> float:
+    """Frechet distance between two Gaussians given by their statistics (FID / sFID from cached moments).
+
+    .. math::
+        d^2 = \\lVert \\mu_a - \\mu_b \\rVert^2 + \\operatorname{Tr}\\big(\\Sigma_a + \\Sigma_b
+              - 2 (\\Sigma_a^{1/2} \\Sigma_b \\Sigma_a^{1/2})^{1/2}\\big)
+
+    Same formula and numerics as :func:`frechet_distance` (which takes feature matrices): the trace of
+    the square root is taken from the eigenvalues of the symmetric PSD product, everything in float64. It exists so
+    that FID can use precomputed reference statistics (ADM ``.npz`` files, the on-disk cache) without features.
+
+    Args:
+        mu_a: Mean of shape ``(F,)``.
+        sigma_a: Covariance of shape ``(F, F)``.
+        mu_b: Mean of shape ``(F,)``.
+        sigma_b: Covariance of shape ``(F, F)``.
+
+    Returns:
+        The squared Frechet distance ``d^2`` (FID reports it without a square root), never negative.
+    """
+    def f64(x: np.ndarray | Tensor) -> np.ndarray:
+        return np.asarray(x.detach().cpu().double() if isinstance(x, Tensor) else x, dtype=np.float64)
+
+    mu_a, mu_b, sigma_a, sigma_b = f64(mu_a).reshape(-1), f64(mu_b).reshape(-1), f64(sigma_a), f64(sigma_b)
+    f = mu_a.shape[0]
+    if mu_b.shape != (f,) or sigma_a.shape != (f, f) or sigma_b.shape != (f, f):
+        raise ValueError(f"frechet_distance_from_statistics: inconsistent shapes mu_a {mu_a.shape}, sigma_a "
+                         f"{sigma_a.shape}, mu_b {mu_b.shape}, sigma_b {sigma_b.shape}")
+    sqrt_a = _sym_sqrt(sigma_a)
+    inner = sqrt_a @ sigma_b @ sqrt_a
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2.0), 0.0, None)).sum()
     diff = mu_a - mu_b
-    value = diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2.0 * tr_covmean
-    # Rounding can leave a tiny negative number for identical sets; a distance is never negative.
-    return float(max(value, 0.0))
+    value = diff @ diff + np.trace(sigma_a) + np.trace(sigma_b) - 2.0 * tr_covmean
+    return float(max(value, 0.0))  # rounding can go slightly negative for identical statistics
 
 
 def class_accuracy(logits: Tensor, labels: Tensor) -> float:

@@ -142,7 +142,7 @@ class DistillQATSystem(L.LightningModule):
         groups = qat.param_groups(self.student, lora_lr=o.lora_lr, scale_aware=o.scale_aware,
                                   weight_step_lr=o.weight_step_lr, act_step_lr=o.act_step_lr,
                                   quantizer_weight_decay=o.quantizer_weight_decay,
-                                  lora_weight_decay=o.lora_weight_decay)
+                                  lora_weight_decay=o.lora_weight_decay, act_scale_aware=o.act_scale_aware)
         optimizer = torch.optim.AdamW(groups, betas=tuple(o.betas))
         total = max(int(self.trainer.max_steps), 1)
         warmup = o.warmup_steps

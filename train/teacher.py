@@ -49,6 +49,7 @@ class Teacher:
     class_embedder: ClassEmbedder | None = None
     prompt_embeds: Tensor | None = None  # (N, L, D)
     negative_prompt_embeds: Tensor | None = None  # (1, L, D)
+    vae: nn.Module | None = None  # latent decoder of latent models (evaluation images only)
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -68,6 +69,8 @@ class Teacher:
 
     def to(self, device: torch.device | str) -> Teacher:
         self.unet.to(device)
+        if self.vae is not None:
+            self.vae.to(device)
         if self.class_embedder is not None:
             self.class_embedder.to(device)
         if self.prompt_embeds is not None:
@@ -129,6 +132,15 @@ def load_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu") -> Teac
     scheduler = DDIMScheduler.from_pretrained(str(root), subfolder=cfg.scheduler_subfolder)
 
     teacher = Teacher(unet=unet, scheduler=scheduler, conditioning=cfg.conditioning)
+    if cfg.vae_subfolder:
+        vae_dir = root / cfg.vae_subfolder
+        _require(vae_dir / "config.json", "latent decoder (teacher.vae_subfolder)",
+                 f"save the VQModel / AutoencoderKL of the latent model with save_pretrained into {vae_dir}, or "
+                 "unset teacher.vae_subfolder")
+        vae_cls = getattr(diffusers, json.loads((vae_dir / "config.json").read_text()).get("_class_name", ""), None)
+        if vae_cls is None:
+            raise ConfigError(f"teacher.vae_subfolder: unknown diffusers model class in {vae_dir}/config.json")
+        teacher.vae = vae_cls.from_pretrained(str(root), subfolder=cfg.vae_subfolder).requires_grad_(False).eval()
     if cfg.conditioning == "class":
         emb_dir = root / cfg.class_embedder_subfolder
         _require(emb_dir / "config.json", "class embedder (teacher.class_embedder_subfolder)",

@@ -233,6 +233,31 @@ def test_scale_aware_param_groups() -> None:
     assert flat["lora"]["lr"] == 1e-3 and len(flat["lora"]["params"]) == 4
 
 
+def test_scale_aware_activation_step_groups() -> None:
+    """act_scale_aware: each activation quantizer's steps get lr = c * mean(|s_a|); zero-points keep c."""
+    act = TemporalLSQConfig(n_bits=8, num_timesteps=3, learn_offset=True)
+    net = make(act=act)
+    _set_weight_steps(net, STEPS)
+    tables = {"conv": [[0.01], [0.02], [0.06]], "fc": [[0.5], [0.25], [0.75]]}
+    with torch.no_grad():
+        for name, rows in tables.items():
+            q = base(getattr(net, name)).act_quantizer
+            q.step.copy_(torch.tensor(rows).reshape(q.step.shape))
+    groups = param_groups(net, act_step_lr=0.01, act_scale_aware=True)
+    by_name = {g["name"]: g for g in groups}
+    for name, rows in tables.items():
+        g = by_name[f"act_step/{name}.base_layer.act_quantizer"]  # the module path inside the peft wrapper
+        mean = sum(r[0] for r in rows) / len(rows)  # by hand
+        assert g["lr"] == pytest.approx(0.01 * mean, rel=1e-6)
+        assert [id(p) for p in g["params"]] == [id(base(getattr(net, name)).act_quantizer.step)]
+    offsets = by_name["act_quantizers"]
+    assert offsets["lr"] == 0.01
+    assert {id(p) for p in offsets["params"]} == {id(base(getattr(net, n)).act_quantizer.zero_point)
+                                                  for n in ("conv", "fc")}
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) and set(ids) == {id(p) for p in net.parameters() if p.requires_grad}
+
+
 def test_frozen_rules_have_no_trainable_quantizer_params() -> None:
     torch.manual_seed(0)
     net = Net()

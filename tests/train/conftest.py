@@ -41,5 +41,6 @@ def fast_overrides(teacher: Path, out: Path, steps: int = 2) -> list[str]:
         "calibration.num_trajectories=2", "calibration.num_steps=4", "calibration.max_batches=4",
         "monitor.sample_every_n_steps=0", "monitor.sample_labels=[0,1]", "monitor.sample_steps=4",
         "monitor.telemetry_every_n_steps=1", "monitor.checkpoint_every_n_steps=1",
-        "eval.num_trajectories=2", "eval.num_steps=4", "eval.enabled=false",
+        "eval.num_trajectories=2", "eval.num_steps=4", "eval.enabled=false", "eval.num_samples=4",
+        "eval.sampling_steps=4", "eval.batch_size=4", "eval.features=none", "eval.grid_size=4",
     ]

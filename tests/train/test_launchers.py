@@ -37,8 +37,8 @@ def test_torchrun(nproc: int, tiny_teacher: Path, tmp_path: Path) -> None:
     _run([_bin("torchrun"), f"--nproc_per_node={nproc}", f"--master_port={29530 + nproc}",
           "train.py", "config=efficientdm_digits.yaml", *args], tmp_path)
     assert (out / "checkpoints" / "last.ckpt").is_file()
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["train_steps"] == 2 and summary["qat"]["eps_mse"] > 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["train_steps"] == 2 and report["variants"]["qat"]["eps_mse"] > 0
 
 
 def test_accelerate_launch(tiny_teacher: Path, tmp_path: Path) -> None:
@@ -47,3 +47,20 @@ def test_accelerate_launch(tiny_teacher: Path, tmp_path: Path) -> None:
           "--dynamo_backend=no", "train.py", "config=efficientdm_digits.yaml", *fast_overrides(tiny_teacher, out)],
          tmp_path)
     assert (out / "checkpoints" / "last.ckpt").is_file() and (out / "student" / "student.safetensors").is_file()
+
+
+def test_evaluate_under_torchrun_matches_one_process(tiny_teacher: Path, tmp_path: Path) -> None:
+    """evaluate.py shards the samples over 2 gloo processes and gathers them: the same report as 1 process."""
+    from train.cli import main
+    from train.eval_cli import main as evaluate_main
+
+    run = main(["config=efficientdm_digits.yaml", *fast_overrides(tiny_teacher, tmp_path / "run"), "export=false"])
+    one = evaluate_main([str(run), "eval.num_samples=5", "ptq=false", f"out={tmp_path / 'one'}"])
+    _run([_bin("torchrun"), "--nproc_per_node=2", "--master_port=29533", "evaluate.py", str(run),
+          "eval.num_samples=5", "ptq=false", f"out={tmp_path / 'two'}"], tmp_path)
+    a = json.loads((one / "report.json").read_text())
+    b = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert a["processes"] == 1 and b["processes"] == 2
+    for name in ("fp", "qat"):
+        for key, value in a["variants"][name].items():
+            assert b["variants"][name][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (name, key)

@@ -32,8 +32,15 @@ def test_two_step_smoke_run_of_each_recipe(recipe: str, tiny_teacher: Path, tmp_
     assert (run / "checkpoints" / "last.ckpt").is_file()
     state = load_file(str(run / "student" / "student.safetensors"))
     assert any("lora_B" in k for k in state) and any("act_quantizer.step" in k for k in state)
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["ptq"]["eps_mse"] > 0 and summary["qat"]["eps_mse"] > 0
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["variants"]) == {"fp", "ptq", "qat"}
+    for name in ("ptq", "qat"):
+        v = report["variants"][name]
+        assert v["eps_mse"] > 0 and len(v["eps_mse_by_step"]) == 4 and v["psnr_vs_fp"] > 0
+    assert "eps_mse" not in report["variants"]["fp"]  # the reference itself
+    for png in ("eps_mse_by_step.png", "samples_fp_ptq_qat.png"):
+        assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "PTQ (start)" in (run / "report.md").read_text()
     acc = _events(run)
     tags = acc.Tags()
     assert "train/loss" in tags["scalars"] and "train/grad_norm" in tags["scalars"]
@@ -57,9 +64,9 @@ def test_missing_teacher_weights_say_what_to_put_where(tmp_path: Path) -> None:
 def test_training_reduces_the_loss_in_both_modes(mode: str, tiny_teacher: Path, tmp_path: Path) -> None:
     run = main(["config=efficientdm_digits.yaml", *fast_overrides(tiny_teacher, tmp_path / mode, steps=16),
                 f"trajectories.mode={mode}", "monitor.checkpoint_every_n_steps=100", "eval.enabled=true",
-                "optim.lora_lr=0.02", "optim.act_step_lr=1e-3"])
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["qat"]["eps_mse"] < summary["ptq"]["eps_mse"]
+                "optim.lora_lr=0.02", "optim.act_scale_aware=false", "optim.act_step_lr=1e-3"])
+    variants = json.loads((run / "report.json").read_text())["variants"]
+    assert variants["qat"]["eps_mse"] < variants["ptq"]["eps_mse"]
     if mode == "cached":
         manifest = json.loads((run / "trajectories" / "manifest.json").read_text())
         assert manifest["num_trajectories"] == 4 and manifest["guidance_scale"] == 1.5
