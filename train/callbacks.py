@@ -1,4 +1,4 @@
-"""Optional monitoring: teacher-vs-student sample grids and quantizer telemetry in TensorBoard."""
+"""Optional work around the loop: sample grids and quantizer telemetry in TensorBoard, preemption handling."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import Tensor
 import qat
 from train.trajectories import sample, trajectory_start
 
-__all__ = ["SampleGrid", "QuantizerTelemetry", "make_grid"]
+__all__ = ["SampleGrid", "QuantizerTelemetry", "Preemption", "make_grid"]
 
 
 def make_grid(rows: list[Tensor]) -> Tensor:
@@ -124,3 +124,65 @@ class QuantizerTelemetry(L.Callback):
             exp.add_scalar("quant/act_clipped_fraction", sum(self._clipped) / len(self._clipped), step)
             exp.add_histogram("quant/act_clipped_fraction_per_layer", torch.tensor(self._clipped), step)
         self._clipped = []
+
+
+class Preemption(L.Callback):
+    """Saves ``last.ckpt`` and stops when the cluster announces the end of the job (SLURM ``--signal=USR1@T``).
+
+    The signal handler only sets a flag; at the end of the current step every process agrees on it (any rank that
+    received the signal counts), all save the checkpoint together (atomic: Lightning writes through an fsspec
+    transaction, a temporary file renamed into place), process 0 requeues the SLURM job (``scontrol requeue``), and
+    training stops. The requeued job runs the same command with ``resume=auto`` and continues from that step. This
+    replaces Lightning's own SLURM auto-requeue, whose ``hpc_ckpt_*.ckpt`` files ``resume=`` would not find.
+
+    Args:
+        checkpoint: path of the checkpoint to write (the run's ``checkpoints/last.ckpt``).
+        signals: signals that announce preemption.
+    """
+
+    def __init__(self, checkpoint: str, signals: tuple[int, ...] | None = None) -> None:
+        import signal as _signal
+
+        self.checkpoint = checkpoint
+        self.signals = signals if signals is not None else (_signal.SIGUSR1,)
+        self.received = False
+        self.preempted = False
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.received = True
+
+    def on_train_start(self, trainer: L.Trainer, module: Any) -> None:
+        import signal as _signal
+
+        for sig in self.signals:
+            self._previous[sig] = _signal.signal(sig, self._handler)
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: Any, *args: Any) -> None:
+        if not trainer.strategy.reduce_boolean_decision(self.received, all=False):
+            return
+        trainer.save_checkpoint(self.checkpoint)
+        self.preempted = True
+        trainer.should_stop = True
+        if trainer.is_global_zero:
+            self._requeue(trainer.global_step)
+
+    def _requeue(self, step: int) -> None:
+        import os
+        import subprocess
+
+        job = os.environ.get("SLURM_JOB_ID")
+        msg = f"preempted: saved {self.checkpoint} at step {step}"
+        if job:
+            result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            msg += f"; scontrol requeue {job}: exit {result.returncode} {result.stderr.strip()}"
+        else:
+            msg += "; not under SLURM, restart with resume=auto"
+        print(msg, flush=True)
+
+    def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
+        import signal as _signal
+
+        for sig, previous in self._previous.items():
+            _signal.signal(sig, previous)
+        self._previous.clear()

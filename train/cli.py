@@ -10,7 +10,6 @@ group).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -24,14 +23,16 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 import qat
 from qat.methods import METHODS
-from train.callbacks import QuantizerTelemetry, SampleGrid
+from train.callbacks import Preemption, QuantizerTelemetry, SampleGrid
 from train.config import ConfigError, RunConfig, load_config, to_yaml
 from train.evaluate import Evaluator, SampleSet
+from train.launch import apply_launcher, trainer_kwargs
 from train.report import sanitize, write_run_report
 from train.system import DistillQATSystem
 from train.teacher import Teacher, load_teacher
@@ -81,6 +82,9 @@ def calibrate_student(cfg: RunConfig, student: torch.nn.Module, teacher: Teacher
 def _resume_path(cfg: RunConfig, out: Path) -> str | None:
     if cfg.resume is None:
         return None
+    if cfg.resume == "auto":
+        last = out / "checkpoints" / "last.ckpt"
+        return str(last) if last.is_file() else None
     if cfg.resume == "last":
         last = out / "checkpoints" / "last.ckpt"
         if not last.is_file():
@@ -136,15 +140,18 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*does not have many workers which may be a bottleneck.*")
 
 
-def main(argv: list[str] | None = None) -> Path:
-    """Runs one training job; returns the run directory."""
+def main(argv: list[str] | None = None, callbacks: list[L.Callback] | None = None) -> Path:
+    """Runs one training job; returns the run directory. ``callbacks`` are added to the run's own."""
     _quiet_known_warnings()
     start = time.time()
     cfg = load_config(sys.argv[1:] if argv is None else argv)  # 1. fails here, before any model is built
+    notes = apply_launcher(cfg)  # the launcher's process layout, precision and DeepSpeed stage win
     rank, local_rank, world = _dist_env()
     out = resolve_out(cfg)
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
+        for note in notes:
+            print(f"launcher: {note}")
         (out / "config.yaml").write_text(to_yaml(cfg))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     device = _device(cfg, local_rank)
@@ -180,18 +187,26 @@ def main(argv: list[str] | None = None) -> Path:
     system = DistillQATSystem(teacher, student, data, cfg.optim, tr.guidance_scale, tr.loss_target,
                               int(teacher.scheduler.config.num_train_timesteps), cfg.monitor.timestep_buckets)
     m = cfg.monitor
+    extra = callbacks
     callbacks = [
         ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, every_n_train_steps=m.checkpoint_every_n_steps,
                         save_top_k=1, enable_version_counter=False),
         SampleGrid(m.sample_every_n_steps, list(m.sample_labels), m.sample_steps, tr.guidance_scale),
         QuantizerTelemetry(m.telemetry_every_n_steps),
+        preemption := Preemption(str(out / "checkpoints" / "last.ckpt")),
+        *(extra or []),
     ]
     logger = TensorBoardLogger(str(out), name="tensorboard", version="")
-    trainer = L.Trainer(**dataclasses.asdict(cfg.trainer), default_root_dir=str(out), logger=logger,
-                        callbacks=callbacks, num_sanity_val_steps=0)
+    # Preemption replaces Lightning's SLURM auto-requeue (see train.callbacks.Preemption).
+    slurm_managed = SLURMEnvironment.detect() and not TorchElasticEnvironment.detect()  # torchrun inside SLURM
+    plugins = [SLURMEnvironment(auto_requeue=False)] if slurm_managed else None
+    trainer = L.Trainer(**trainer_kwargs(cfg), default_root_dir=str(out), logger=logger,
+                        callbacks=callbacks, num_sanity_val_steps=0, plugins=plugins)
     # The batches come from the trajectory source inside the system; the loader only counts steps.
     steps = DataLoader(range(cfg.trainer.max_steps), batch_size=None, shuffle=False)
     trainer.fit(system, train_dataloaders=steps, ckpt_path=ckpt, weights_only=True)  # 6.
+    if preemption.preempted:  # the job is out of time: the checkpoint is saved, the requeued job finishes the run
+        return out
 
     # Lightning's teardown moves the system (student, teacher UNet) back to the CPU; the class embedder stays put.
     student.to(device)

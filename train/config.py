@@ -243,6 +243,8 @@ class RunConfig:
     """Everything a run needs. Sections map one-to-one to the YAML recipes in ``configs/``.
 
     ``export``: write the packed low-bit model (:mod:`train.export_run`) to ``<output_dir>/export`` at the end.
+    ``resume``: ``last`` (``<output_dir>/checkpoints/last.ckpt``, which must exist), ``auto`` (``last`` if it exists,
+    else a fresh start: the setting for requeued cluster jobs) or a checkpoint path.
     """
 
     method: str = "efficientdm"
@@ -303,8 +305,8 @@ def validate(cfg: RunConfig) -> None:
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas: needs two values, got {list(cfg.optim.betas)}")
     _validate_eval(cfg.eval)
-    if cfg.resume not in (None, "last") and not Path(cfg.resume).is_file():
-        raise ConfigError(f"resume: {cfg.resume!r} is neither 'last' nor an existing checkpoint file")
+    if cfg.resume not in (None, "last", "auto") and not Path(cfg.resume).is_file():
+        raise ConfigError(f"resume: {cfg.resume!r} is neither 'last', 'auto' nor an existing checkpoint file")
 
 
 def _validate_eval(ev: EvalConfig) -> None:

@@ -106,8 +106,10 @@ class DistillQATSystem(L.LightningModule):
         for name, term in self.extra_losses(batch).items():
             self.log(f"train/{name}", term, batch_size=batch.x.shape[0])
             loss = loss + term
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at global step {self.global_step}; the last "
+        # every process takes the decision, so that no rank is left waiting in the gradient all-reduce
+        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
+            raise FloatingPointError(f"non-finite loss {loss.item()} (here or on another process) at global step "
+                                     f"{self.global_step}; the last "
                                      "good checkpoint is kept in the run's checkpoints/ directory")
         bs = batch.x.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)

@@ -61,7 +61,7 @@ def test_override_reaches_trainer_section() -> None:
         (["efficientdm.num_timesteps=50"], r"efficientdm\.num_timesteps \(50\) must equal trajectories\.num_steps"),
         (["teacher.conditioning=prompt_embeds"], r"teacher\.prompt_embeds_path: required"),
         (["teacher.conditioning=none"], r"trajectories\.guidance_scale: classifier-free guidance needs conditioning"),
-        (["resume=/no/such.ckpt"], r"resume: '/no/such.ckpt' is neither 'last' nor an existing checkpoint"),
+        (["resume=/no/such.ckpt"], r"resume: '/no/such.ckpt' is neither 'last', 'auto' nor an existing checkpoint"),
         (["optim.betas=[0.9]"], r"optim\.betas: needs two values"),
     ],
 )

@@ -49,6 +49,41 @@ def test_accelerate_launch(tiny_teacher: Path, tmp_path: Path) -> None:
     assert (out / "checkpoints" / "last.ckpt").is_file() and (out / "student" / "student.safetensors").is_file()
 
 
+def test_accelerate_launch_two_processes_sets_layout_and_precision(tiny_teacher: Path, tmp_path: Path) -> None:
+    """accelerate's process count and mixed precision become trainer.devices / strategy / precision (gloo on CPU)."""
+    out = tmp_path / "run"
+    proc = _run([_bin("accelerate"), "launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
+                 "--mixed_precision=bf16", "--dynamo_backend=no", "--main_process_port=29535", "train.py",
+                 "config=efficientdm_digits.yaml", *fast_overrides(tiny_teacher, out), "trainer.precision=32-true",
+                 "export=false"], tmp_path)
+    assert "launcher: trainer.precision: '32-true' -> 'bf16-mixed' (accelerate mixed_precision=bf16)" in proc.stdout
+    saved = (out / "config.yaml").read_text()
+    assert "devices: 2" in saved and "strategy: ddp" in saved and "precision: bf16-mixed" in saved
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "launch" / "accelerate").glob("*.yaml")))
+def test_shipped_accelerate_configs_load_and_map(name: str) -> None:
+    """Each launch/accelerate config is valid for accelerate and maps onto a supported Lightning setting."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    from train.config import load_config
+    from train.launch import apply_launcher
+
+    cc = ClusterConfig.from_yaml_file(str(REPO / "launch" / "accelerate" / name))
+    env = {"ACCELERATE_MIXED_PRECISION": str(cc.mixed_precision), "ACCELERATE_DYNAMO_BACKEND": "no",
+           "WORLD_SIZE": str(cc.num_processes), "LOCAL_WORLD_SIZE": str(cc.num_processes // cc.num_machines)}
+    if str(cc.distributed_type).endswith("DEEPSPEED"):
+        env.update({"ACCELERATE_USE_DEEPSPEED": "true",
+                    "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(cc.deepspeed_config["zero_stage"])})
+    cfg = load_config(["config=efficientdm_digits.yaml"])
+    apply_launcher(cfg, env)
+    assert cfg.trainer.precision == "bf16-mixed"
+    assert cfg.trainer.devices * cfg.trainer.num_nodes == cc.num_processes
+    expected = f"deepspeed_stage_{cc.deepspeed_config['zero_stage']}" if "deepspeed" in name else "ddp"
+    assert cfg.trainer.strategy == expected
+
+
 def test_evaluate_under_torchrun_matches_one_process(tiny_teacher: Path, tmp_path: Path) -> None:
     """evaluate.py shards the samples over 2 gloo processes and gathers them: the same report as 1 process."""
     from train.cli import main

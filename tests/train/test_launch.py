@@ -1,0 +1,197 @@
+"""Launcher settings -> Lightning, 2-process equivalence, preemption, atomic checkpoints, non-finite losses."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.train.conftest import fast_overrides
+from tests.train.test_launchers import _bin, _run
+from train.cli import main
+from train.config import ConfigError, load_config
+from train.launch import apply_launcher, launcher_name, trainer_kwargs
+from train.system import DistillQATSystem
+
+
+def _cfg(*overrides: str):
+    return load_config(["config=efficientdm_digits.yaml", *overrides])
+
+
+ACCEL = {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_DYNAMO_BACKEND": "NO", "ACCELERATE_USE_CPU": "False"}
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({**ACCEL, "ACCELERATE_MIXED_PRECISION": "bf16"}, {"precision": "bf16-mixed"}),
+    ({**ACCEL, "ACCELERATE_MIXED_PRECISION": "fp16"}, {"precision": "16-mixed"}),
+    ({**ACCEL, "ACCELERATE_USE_CPU": "true"}, {"accelerator": "cpu"}),
+    ({**ACCEL, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"},
+     {"strategy": "deepspeed_stage_2"}),
+    ({**ACCEL, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+      "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}, {"strategy": "deepspeed_stage_3_offload"}),
+    ({**ACCEL, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "/x/ds.json"},
+     {"strategy": "deepspeed_config:/x/ds.json"}),
+    ({**ACCEL, "ACCELERATE_GRADIENT_CLIPPING": "1.0"}, {"gradient_clip_val": 1.0}),
+    ({**ACCEL, "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "RANK": "5"},
+     {"devices": 4, "num_nodes": 2, "strategy": "ddp"}),
+    ({"TORCHELASTIC_RUN_ID": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"},
+     {"devices": 2, "num_nodes": 1, "strategy": "ddp"}),
+    ({"SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "4(x2)", "SLURM_JOB_NUM_NODES": "2"},
+     {"devices": 4, "num_nodes": 2, "strategy": "ddp"}),
+    ({}, {"devices": 1, "num_nodes": 1, "strategy": "auto", "precision": "32-true"}),  # the recipe as written
+])
+def test_launcher_settings_become_trainer_settings(env: dict, expected: dict) -> None:
+    cfg = _cfg()
+    notes = apply_launcher(cfg, env)
+    for key, value in expected.items():
+        assert getattr(cfg.trainer, key) == value, key
+    assert len(notes) == sum(1 for k, v in expected.items() if getattr(_cfg().trainer, k) != v)
+
+
+def test_launcher_names() -> None:
+    assert launcher_name(ACCEL) == "accelerate" and launcher_name({"LOCAL_WORLD_SIZE": "2"}) == "torchrun"
+    assert launcher_name({"SLURM_NTASKS": "4"}) == "slurm" and launcher_name({}) == "python"
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({**ACCEL, "ACCELERATE_USE_FSDP": "true"}, r"distributed_type FSDP is not supported.*DEEPSPEED"),
+    ({**ACCEL, "ACCELERATE_USE_MEGATRON_LM": "true"}, r"Megatron-LM is not supported"),
+    ({**ACCEL, "ACCELERATE_MIXED_PRECISION": "fp8"}, r"mixed_precision 'fp8' is not supported"),
+    ({**ACCEL, "ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"}, r"dynamo_backend 'inductor' is not supported"),
+    ({**ACCEL, "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"}, r"gradient_accumulation_steps 4 .*batch_size"),
+    ({**ACCEL, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "0"}, r"zero_stage '0'"),
+])
+def test_unsupported_accelerate_settings_are_named(env: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        apply_launcher(_cfg(), env)
+
+
+def test_explicit_devices_that_contradict_the_launcher_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"trainer.devices: 3 but the launcher started 2 process"):
+        apply_launcher(_cfg("trainer.devices=3"), {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"})
+    with pytest.raises(ConfigError, match=r"trainer.num_nodes: 4 but the launcher started 1 node"):
+        apply_launcher(_cfg("trainer.num_nodes=4"), {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"})
+    cfg = _cfg("trainer.devices=2")
+    apply_launcher(cfg, {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"})  # agreeing settings are fine
+    assert cfg.trainer.devices == 2
+
+
+def test_trainer_kwargs_pass_strategy_strings_through() -> None:
+    cfg = _cfg()
+    apply_launcher(cfg, {**ACCEL, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"})
+    assert trainer_kwargs(cfg)["strategy"] == "deepspeed_stage_2"
+    assert L.Trainer.__init__.__code__.co_varnames  # every key is a Trainer argument:
+    import inspect
+
+    assert set(trainer_kwargs(cfg)) <= set(inspect.signature(L.Trainer.__init__).parameters)
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tiny_teacher: Path, tmp_path: Path) -> None:
+    """torchrun (gloo, 2 CPU processes of 2 trajectories) vs 1 process of 4 trajectories: the same trajectories
+    (global indices), the same mean loss, DDP's averaged gradients -> the same student up to summation order."""
+    steps = 4
+    common = ["config=efficientdm_digits.yaml", "trainer.accelerator=cpu", "export=false"]
+    one = main([*common, *fast_overrides(tiny_teacher, tmp_path / "one", steps=steps), "trajectories.batch_size=4"])
+    two_args = [*common, *fast_overrides(tiny_teacher, tmp_path / "two", steps=steps), "trajectories.batch_size=2",
+                "trainer.devices=auto"]
+    _run([_bin("torchrun"), "--nproc_per_node=2", "--master_port=29534", "train.py", *two_args], tmp_path)
+    a = load_file(str(one / "student" / "student.safetensors"))
+    b = load_file(str(tmp_path / "two" / "student" / "student.safetensors"))
+    assert a.keys() == b.keys()
+    trained = [k for k in a if "lora_B" in k]
+    assert any(a[k].abs().sum() > 0 for k in trained)  # training happened
+    # Element-wise comparisons are ill-posed under Adam (a gradient near 0 becomes a +-lr step either way), so the
+    # stated tolerance is on the whole trained state: ||a - b|| / ||a|| over LoRA and quantizer tensors < 1e-4.
+    keys = [k for k in a if a[k].is_floating_point() and ("lora" in k or "quantizer" in k)]
+    diff = sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in keys) ** 0.5
+    norm = sum(float(a[k].double().pow(2).sum()) for k in keys) ** 0.5
+    assert diff / norm < 1e-4, diff / norm
+
+
+class _SendSignal(L.Callback):
+    """Sends SIGUSR1 to this process after ``at`` steps, as SLURM's --signal=USR1@T would."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.at:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_preemption_saves_stops_and_resume_auto_finishes_identically(tiny_teacher: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    n = 6
+    args = ["config=efficientdm_digits.yaml", "trainer.deterministic=true", "export=false",
+            "monitor.checkpoint_every_n_steps=100"]
+    straight = main([*args, *fast_overrides(tiny_teacher, tmp_path / "straight", steps=n)])
+    run = main([*args, *fast_overrides(tiny_teacher, tmp_path / "pre", steps=n), "resume=auto"],
+               callbacks=[_SendSignal(at=2)])
+    assert "preempted: saved" in capsys.readouterr().out
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert 2 <= ckpt["global_step"] < n  # saved at the signal, not at the end
+    assert not (run / "student").exists()  # stopped before the end-of-run work
+    assert signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.default_int_handler) or callable(
+        signal.getsignal(signal.SIGUSR1))
+    resumed = main([*args, *fast_overrides(tiny_teacher, tmp_path / "pre", steps=n), "resume=auto"])
+    a = load_file(str(straight / "student" / "student.safetensors"))
+    b = load_file(str(resumed / "student" / "student.safetensors"))
+    worst = max(float((a[key].float() - b[key].float()).abs().max()) for key in a)
+    assert worst <= 1e-6, worst
+
+
+def test_resume_auto_starts_fresh_without_a_checkpoint(tiny_teacher: Path, tmp_path: Path) -> None:
+    run = main(["config=efficientdm_digits.yaml", *fast_overrides(tiny_teacher, tmp_path / "r", steps=1),
+                "resume=auto", "export=false"])
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    with pytest.raises(ConfigError, match="resume: 'last' but .* does not exist"):
+        main(["config=efficientdm_digits.yaml", *fast_overrides(tiny_teacher, tmp_path / "fresh", steps=1),
+              "resume=last"])
+
+
+def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tiny_teacher: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning writes checkpoints through an fsspec transaction (temporary file, renamed on success)."""
+    from fsspec.implementations.local import LocalFileOpener
+    from lightning.fabric.utilities.cloud_io import _atomic_save
+
+    run = main(["config=efficientdm_digits.yaml", *fast_overrides(tiny_teacher, tmp_path / "r", steps=2),
+                "export=false"])
+    last = run / "checkpoints" / "last.ckpt"
+    before, files = last.read_bytes(), sorted(p.name for p in last.parent.iterdir())
+    original = LocalFileOpener.write
+
+    def dies_halfway(self: LocalFileOpener, data: bytes) -> int:
+        original(self, data[: len(data) // 2])
+        raise OSError("simulated crash while saving")
+
+    monkeypatch.setattr(LocalFileOpener, "write", dies_halfway)
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    state["global_step"] = 999
+    with pytest.raises(OSError, match="simulated crash"):
+        _atomic_save(state, last)
+    monkeypatch.setattr(LocalFileOpener, "write", original)
+    assert last.read_bytes() == before
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 2
+    assert sorted(p.name for p in last.parent.iterdir()) == files  # no stray temporary file
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tiny_teacher: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    original = DistillQATSystem.student_loss
+
+    def nan_at_step_3(self: DistillQATSystem, batch: object):
+        loss, per = original(self, batch)
+        return (loss * float("nan"), per) if self.global_step == 3 else (loss, per)
+
+    monkeypatch.setattr(DistillQATSystem, "student_loss", nan_at_step_3)
+    with pytest.raises(FloatingPointError, match="non-finite loss nan .*global step 3"):
+        main(["config=efficientdm_digits.yaml", *fast_overrides(tiny_teacher, tmp_path / "r", steps=6)])
+    ckpt = torch.load(tmp_path / "r" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 3  # the last good step
+    assert all(torch.isfinite(v).all() for k, v in ckpt["state_dict"].items() if v.is_floating_point())
