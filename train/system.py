@@ -121,7 +121,11 @@ class DistillQATSystem(L.LightningModule):
                 self.log(name, per.detach()[mask.to(per.device)].mean(), batch_size=int(mask.sum()))
         now = time.perf_counter()
         if self._t0 is not None:
+            # per process; the global rate is this times the number of processes
             self.log("perf/samples_per_s", bs / max(now - self._t0, 1e-9), batch_size=bs)
+            if batch.x.is_cuda:
+                self.log("perf/max_memory_gib", torch.cuda.max_memory_allocated(batch.x.device) / 2**30,
+                         batch_size=bs)
         self._t0 = now
         if batch_idx % max(self.trainer.log_every_n_steps, 1) == 0:
             lrs = self.lr_by_group()
