@@ -53,7 +53,7 @@ class SampleGrid(L.Callback):
         module.student.eval()
         student_rows, _ = sample(module.student, teacher, labels, noise, self.num_steps, self.guidance)
         module.student.train(was)
-        grid = make_grid([self._teacher_rows, student_rows])
+        grid = make_grid([teacher.as_images(self._teacher_rows), teacher.as_images(student_rows)])  # video: frames
         trainer.logger.experiment.add_image("samples/teacher_top_student_bottom", grid, trainer.global_step)
 
     def on_train_start(self, trainer: L.Trainer, module: Any) -> None:

@@ -10,6 +10,7 @@ group).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader
 
 import qat
 from qat.methods import METHODS
+from qat.quantizers import FakeQuantizer
 from train.callbacks import Preemption, QuantizerTelemetry, SampleGrid
 from train.config import ConfigError, RunConfig, load_config, to_yaml
 from train.evaluate import Evaluator, SampleSet
@@ -56,8 +58,14 @@ def _device(cfg: RunConfig, local_rank: int) -> torch.device:
 
 
 def build_student(cfg: RunConfig, teacher: Teacher) -> tuple[torch.nn.Module, str]:
-    """The method's student (quantizers not yet initialised) with the trajectory grid on its temporal tables."""
-    student, report = METHODS.get(cfg.method)(teacher.unet, cfg.efficientdm)
+    """The method's student (quantizers not yet initialised) with the trajectory grid on its temporal tables.
+
+    ``efficientdm.family=auto`` takes the quantization rules of the teacher's family (:mod:`train.families`).
+    """
+    method_cfg = cfg.efficientdm
+    if method_cfg.family == "auto":
+        method_cfg = dataclasses.replace(method_cfg, family=teacher.family)
+    student, report = METHODS.get(cfg.method)(teacher.unet, method_cfg)
     qat.set_timestep_grid(student, teacher.ddim(cfg.trajectories.num_steps).timesteps)
     return student.float(), str(report)
 
@@ -77,6 +85,18 @@ def calibrate_student(cfg: RunConfig, student: torch.nn.Module, teacher: Teacher
         guided_eps(model, x, t, cond, uncond, tr.guidance_scale)
 
     qat.calibrate(student, batches, forward, per_timestep=c.per_timestep)
+
+
+def apply_performance(cfg: RunConfig, student: torch.nn.Module, teacher: Teacher) -> None:
+    """``performance.*``: the fake-quant implementation, and ``torch.compile`` of both denoisers in place.
+
+    After calibration (its capture hooks run eagerly); in place, so checkpoints keep the plain state-dict keys.
+    """
+    p = cfg.performance
+    FakeQuantizer.fused = p.fused_fake_quant
+    if p.compile:
+        student.compile(backend=p.compile_backend)
+        teacher.unet.compile(backend=p.compile_backend)
 
 
 def _resume_path(cfg: RunConfig, out: Path) -> str | None:
@@ -140,6 +160,19 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*does not have many workers which may be a bottleneck.*")
 
 
+class _Phases:
+    """Prints how long each setup phase took (rank 0), so a slow start on a cluster can be located."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank, self.last = rank, time.time()
+
+    def done(self, what: str) -> None:
+        now = time.time()
+        if self.rank == 0:
+            print(f"[diffqat] {what}: {now - self.last:.1f} s", flush=True)
+        self.last = now
+
+
 def main(argv: list[str] | None = None, callbacks: list[L.Callback] | None = None) -> Path:
     """Runs one training job; returns the run directory. ``callbacks`` are added to the run's own."""
     _quiet_known_warnings()
@@ -156,16 +189,20 @@ def main(argv: list[str] | None = None, callbacks: list[L.Callback] | None = Non
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     device = _device(cfg, local_rank)
     ckpt = _resume_path(cfg, out)
+    phases = _Phases(rank)
 
     teacher = load_teacher(cfg.teacher, device)  # 2.
+    phases.done("teacher loaded")
     student, report = build_student(cfg, teacher)  # 3.
     student.to(device)
+    phases.done("student built")
     if rank == 0:
         (out / "prepare_report.txt").write_text(report + "\n")
     if ckpt is not None:  # 4. a resumed run restores quantizer state; it never re-calibrates
         _restore_student(student, ckpt)
     else:
         calibrate_student(cfg, student, teacher, device)
+        phases.done("student calibrated")
 
     tr = cfg.trajectories
     evaluator: Evaluator | None = None
@@ -173,6 +210,7 @@ def main(argv: list[str] | None = None, callbacks: list[L.Callback] | None = Non
         evaluator = Evaluator(cfg.eval, teacher, tr.eta, tr.guidance_scale, device, cache_dir=str(out / "eval_cache"))
         fp_metrics, _ = evaluator.evaluate(None)
         ptq, ptq_samples = _ptq_start(cfg, evaluator, student, out, resumed=ckpt is not None)
+        phases.done("FP and PTQ evaluated")
 
     if tr.mode == "online":
         data: OnlineTrajectories | CachedTrajectories = OnlineTrajectories(
@@ -184,6 +222,7 @@ def main(argv: list[str] | None = None, callbacks: list[L.Callback] | None = Non
                                   progress=cfg.trainer.enable_progress_bar)
         data = CachedTrajectories(manifest, tr.batch_size, tr.seed, rank, world)
 
+    apply_performance(cfg, student, teacher)
     system = DistillQATSystem(teacher, student, data, cfg.optim, tr.guidance_scale, tr.loss_target,
                               int(teacher.scheduler.config.num_train_timesteps), cfg.monitor.timestep_buckets)
     m = cfg.monitor
@@ -204,7 +243,9 @@ def main(argv: list[str] | None = None, callbacks: list[L.Callback] | None = Non
                         callbacks=callbacks, num_sanity_val_steps=0, plugins=plugins)
     # The batches come from the trajectory source inside the system; the loader only counts steps.
     steps = DataLoader(range(cfg.trainer.max_steps), batch_size=None, shuffle=False)
+    phases.done("trajectories ready")
     trainer.fit(system, train_dataloaders=steps, ckpt_path=ckpt, weights_only=True)  # 6.
+    phases.done("training")
     if preemption.preempted:  # the job is out of time: the checkpoint is saved, the requeued job finishes the run
         return out
 

@@ -53,15 +53,29 @@ class TeacherConfig:
     Args:
         path: directory holding the subfolders below (relative paths are resolved against the repository root
             when they do not exist relative to the working directory).
-        unet_subfolder: subfolder of the denoiser (``from_pretrained(path, subfolder=...)``).
+        unet_subfolder: subfolder of the denoiser (``from_pretrained(path, subfolder=...)``; ``transformer`` for
+            the transformer families).
         scheduler_subfolder: subfolder of the scheduler config.
-        conditioning: ``class`` (labels -> ``class_embedder`` -> cross-attention context, null class for CFG),
-            ``prompt_embeds`` (a safetensors file of precomputed text embeddings) or ``none``.
+        conditioning: ``class`` (labels -> ``class_embedder`` -> cross-attention context, null class for CFG; DiT
+            embeds labels itself), ``prompt_embeds`` (a safetensors file of precomputed text embeddings),
+            ``prompts`` (a prompt file, encoded once at load by the local text encoder) or ``none``.
         class_embedder_subfolder: subfolder of the :class:`train.models.ClassEmbedder` (``class`` conditioning).
-        prompt_embeds_path: safetensors file with ``prompt_embeds (N, L, D)`` and ``negative_prompt_embeds (1, L, D)``.
+        prompt_embeds_path: safetensors file with ``prompt_embeds (N, L, D)`` and ``negative_prompt_embeds (1, L, D)``
+            (optional ``prompt_attention_mask (N, L)`` and ``negative_prompt_attention_mask (1, L)``).
         dtype: teacher precision, ``fp32`` or ``bf16``.
         vae_subfolder: subfolder of the latent decoder (``VQModel`` / ``AutoencoderKL``) of latent models, used
             only to decode evaluation samples to images; None for pixel-space models.
+        family: denoiser family (``unet``, ``dit``, ``pixart``, ``cogvideox``, ``wan``; see
+            :mod:`train.families`); None detects it from the model class in ``<unet_subfolder>/config.json``.
+        sample_shape: one sample in the family's layout and latent units, e.g. ``[16, 13, 60, 104]`` (Wan
+            ``C, F, H, W``); None reads it from the model config (Wan's config has none: required there).
+        prompt_file: text file with one prompt per line (``prompts`` conditioning; blank lines are skipped).
+        negative_prompt: the unconditional prompt of classifier-free guidance (``prompts`` conditioning).
+        text_encoder_subfolder / tokenizer_subfolder: the local transformers text encoder and tokenizer.
+        max_sequence_length: tokens per prompt; None uses the family's convention (CLIP 77, PixArt-alpha 120,
+            CogVideoX ``max_text_seq_length``, Wan 512).
+        prompt_embeds_cache: safetensors file where the encoded prompts are stored and reused (by later runs and the
+            other processes) while prompts, negative prompt, length and encoder are unchanged; None: no cache.
     """
 
     path: str = MISSING
@@ -72,6 +86,14 @@ class TeacherConfig:
     prompt_embeds_path: str | None = None
     dtype: str = "fp32"
     vae_subfolder: str | None = None
+    family: str | None = None
+    sample_shape: list[int] | None = None
+    prompt_file: str | None = None
+    negative_prompt: str = ""
+    text_encoder_subfolder: str = "text_encoder"
+    tokenizer_subfolder: str = "tokenizer"
+    max_sequence_length: int | None = None
+    prompt_embeds_cache: str | None = None
 
 
 @dataclass
@@ -170,6 +192,23 @@ class TrainerConfig:
 
 
 @dataclass
+class PerformanceConfig:
+    """Speed settings; none changes results beyond floating-point rounding (``tests/qat/test_fast_path.py``).
+
+    Args:
+        compile: ``torch.compile`` the student and the teacher denoisers in place (``nn.Module.compile``: the
+            state-dict keys stay the same). The first steps are slow while it compiles.
+        compile_backend: the ``torch.compile`` backend (``inductor``; ``aot_eager`` to debug).
+        fused_fake_quant: quantizers run as one autograd node each (:func:`qat.ste.fake_quantize_ste`); false
+            selects the composite reference form (slower, more memory; for debugging).
+    """
+
+    compile: bool = False
+    compile_backend: str = "inductor"
+    fused_fake_quant: bool = True
+
+
+@dataclass
 class MonitorConfig:
     """TensorBoard extras and checkpointing.
 
@@ -253,11 +292,13 @@ class RunConfig:
     resume: str | None = None
     seed: int = 0
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    efficientdm: EfficientDMConfig = field(default_factory=EfficientDMConfig)
+    # "auto": the quantization rules of the teacher's family (train.families); recipes may name one explicitly
+    efficientdm: EfficientDMConfig = field(default_factory=lambda: EfficientDMConfig(family="auto"))
     trajectories: TrajectoryConfig = field(default_factory=TrajectoryConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -271,10 +312,7 @@ def validate(cfg: RunConfig) -> None:
 
     _one_of("method", cfg.method, tuple(METHODS.names()))
     t, tr, e = cfg.teacher, cfg.trajectories, cfg.efficientdm
-    _one_of("teacher.conditioning", t.conditioning, ("class", "prompt_embeds", "none"))
-    _one_of("teacher.dtype", t.dtype, ("fp32", "bf16"))
-    if t.conditioning == "prompt_embeds" and not t.prompt_embeds_path:
-        raise ConfigError("teacher.prompt_embeds_path: required when teacher.conditioning is 'prompt_embeds'")
+    _validate_teacher(t)
     _one_of("trajectories.mode", tr.mode, ("online", "cached"))
     _one_of("trajectories.loss_target", tr.loss_target, ("cfg", "branches"))
     if not 0.0 <= tr.eta <= 1.0:
@@ -290,7 +328,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
     if tr.guidance_scale != 1.0 and t.conditioning == "none":
         raise ConfigError("trajectories.guidance_scale: classifier-free guidance needs conditioning; set "
-                          "trajectories.guidance_scale=1.0 or teacher.conditioning to 'class' / 'prompt_embeds'")
+                          "trajectories.guidance_scale=1.0 or teacher.conditioning to 'class' / 'prompt_embeds' / "
+                          "'prompts'")
     if e.num_timesteps != tr.num_steps:
         raise ConfigError(f"efficientdm.num_timesteps ({e.num_timesteps}) must equal trajectories.num_steps "
                           f"({tr.num_steps}): the temporal tables have one row per trajectory step")
@@ -298,15 +337,36 @@ def validate(cfg: RunConfig) -> None:
                       ("efficientdm.special_bits", e.special_bits)):
         if not 2 <= bits <= 8:
             raise ConfigError(f"{key}: {bits} is outside [2, 8]")
-    _one_of("efficientdm.family", e.family, tuple(sorted(FAMILY_RULES)))
+    _one_of("efficientdm.family", e.family, (*sorted(FAMILY_RULES), "auto"))
     _one_of("efficientdm.act_init", e.act_init, ("mse", "minmax"))
     _one_of("efficientdm.weight_init", e.weight_init, ("mse", "minmax"))
     _one_of("trainer.precision", str(cfg.trainer.precision), _PRECISIONS)
+    _one_of("performance.compile_backend", cfg.performance.compile_backend,
+            ("inductor", "aot_eager", "eager", "cudagraphs"))
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas: needs two values, got {list(cfg.optim.betas)}")
     _validate_eval(cfg.eval)
     if cfg.resume not in (None, "last", "auto") and not Path(cfg.resume).is_file():
         raise ConfigError(f"resume: {cfg.resume!r} is neither 'last', 'auto' nor an existing checkpoint file")
+
+
+def _validate_teacher(t: TeacherConfig) -> None:
+    from train.families import FAMILIES
+
+    _one_of("teacher.conditioning", t.conditioning, ("class", "prompt_embeds", "prompts", "none"))
+    _one_of("teacher.dtype", t.dtype, ("fp32", "bf16"))
+    if t.family is not None:
+        _one_of("teacher.family", t.family, tuple(FAMILIES))
+    if t.conditioning == "prompt_embeds" and not t.prompt_embeds_path:
+        raise ConfigError("teacher.prompt_embeds_path: required when teacher.conditioning is 'prompt_embeds'")
+    if t.conditioning == "prompts" and not t.prompt_file:
+        raise ConfigError("teacher.prompt_file: required when teacher.conditioning is 'prompts' (a text file with "
+                          "one prompt per line)")
+    if t.sample_shape is not None and (len(t.sample_shape) not in (3, 4) or min(t.sample_shape) < 1):
+        raise ConfigError(f"teacher.sample_shape: {list(t.sample_shape)} must be 3 or 4 positive sizes, e.g. "
+                          "[C, H, W] or [C, F, H, W] (Wan)")
+    if t.max_sequence_length is not None and t.max_sequence_length < 1:
+        raise ConfigError(f"teacher.max_sequence_length: must be >= 1, got {t.max_sequence_length}")
 
 
 def _validate_eval(ev: EvalConfig) -> None:

@@ -1,19 +1,23 @@
-"""Converts CompVis latent-diffusion checkpoints (``openaimodel.UNetModel`` + SpatialTransformer) into teacher
-directories in the diffusers layout that :func:`train.teacher.load_teacher` reads.
+"""Converts CompVis latent-diffusion checkpoints into teacher directories in the diffusers layout that
+:func:`train.teacher.load_teacher` reads, in one call: UNet, first stage, class embedder and scheduler.
 
     python -m train.convert_compvis cin256-v2.safetensors teachers/ldm4-cin256 --layout cin256-v2
+    python -m train.convert_compvis bedrooms.safetensors teachers/ldm4-bedrooms --layout lsun_bedrooms-ldm-vq-4
+    python -m train.convert_compvis model.safetensors out/ --compvis-config configs/latent-diffusion/model.yaml
 
-The CompVis UNet numbers its blocks sequentially (``input_blocks.N``, ``middle_block.N``, ``output_blocks.N``) while
-diffusers nests them (``down_blocks.i.resnets.j``, ``down_blocks.i.attentions.j``, ...). The key map is derived from
-the diffusers ``UNet2DConditionModel`` config (channels, depth, which levels have attention), so any UNet of the same
-family (LDM-4 ImageNet, LDM-8, smaller test models) converts without a hand-written table.
+A layout is the ``model.params`` of a CompVis yaml (``unet_config``, ``first_stage_config``, ``cond_stage_config``,
+``linear_start`` / ``linear_end`` / ``timesteps``); the diffusers configs and every key map are derived from it
+(:mod:`train.convert_compvis_unet`, :mod:`train.convert_compvis_vae`), so any model of the same families converts
+without a hand-written table. The EfficientDM layer map (:mod:`qat.methods.efficientdm`) is checked on the converted
+UNet against the reference code's rule applied to the CompVis names (:func:`efficientdm_layer_check`).
 
 Checkpoints are read with ``safetensors`` or, for ``.ckpt``, with ``torch.load(weights_only=True)`` only: pickles
 that need arbitrary code are refused, never executed.
 
 Output directory::
 
-    <out>/unet/             UNet2DConditionModel (save_pretrained)
+    <out>/unet/             UNet2DConditionModel (SpatialTransformer UNets) or UNet2DModel (legacy AttentionBlock)
+    <out>/vqvae/ | vae/     VQModel (VQ first stage) or AutoencoderKL (KL first stage), scaling_factor = scale_factor
     <out>/class_embedder/   train.models.ClassEmbedder from cond_stage_model.embedding.weight (null class = last row)
     <out>/scheduler/        DDPMScheduler with LDM's "linear" betas (= diffusers "scaled_linear")
 """
@@ -25,33 +29,55 @@ import json
 import logging
 import pickle
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from train.convert_compvis_unet import (
+    HEADS_KEY,
+    _listing,
+    _unet_map,
+    build_unet,
+    compvis_to_diffusers_unet_keys,
+    compvis_unet_config,
+    convert_unet_state_dict,
+    diffusers_to_compvis_unet_keys,
+    qkv_order_of,
+)
+from train.convert_compvis_vae import build_vae, compvis_first_stage_config, convert_vae_state_dict
 from train.models import ClassEmbedder
 
 __all__ = [
     "CIN256_V2_UNET_CONFIG",
+    "KL_F8_DDCONFIG",
     "LAYOUTS",
     "SCHEDULER_CONFIG",
+    "VQ_F4_DDCONFIG",
+    "LayerMapCheck",
+    "TeacherSpec",
     "compvis_to_diffusers_unet_keys",
     "convert_checkpoint",
     "convert_unet_state_dict",
     "diffusers_to_compvis_unet_keys",
+    "efficientdm_layer_check",
+    "load_compvis_config",
     "load_compvis_state_dict",
     "main",
+    "teacher_spec",
 ]
 
 log = logging.getLogger(__name__)
 
 UNET_PREFIX = "model.diffusion_model."
 FIRST_STAGE_PREFIX = "first_stage_model."
+COND_STAGE_PREFIX = "cond_stage_model."
 CLASS_EMBEDDING_KEY = "cond_stage_model.embedding.weight"
+SCALE_FACTOR_KEY = "scale_factor"
 
 # cin256-v2 (LDM-4 ImageNet): model_channels 192, channel_mult (1, 2, 3, 5), 2 res blocks, attention at
 # resolutions 8/4/2 of the 64x64 latent = the three lower levels, one head whose dim is the channel count, context 512.
@@ -62,7 +88,6 @@ CIN256_V2_UNET_CONFIG: dict[str, Any] = {
     "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     "cross_attention_dim": 512, "attention_head_dim": 1,
 }
-LAYOUTS: dict[str, dict[str, Any]] = {"cin256-v2": CIN256_V2_UNET_CONFIG}
 
 # LDM's "linear" schedule is linear in sqrt(beta), which diffusers calls "scaled_linear".
 SCHEDULER_CONFIG: dict[str, Any] = {
@@ -70,210 +95,271 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "steps_offset": 1, "clip_sample": False,
 }
 
-# Config options that add modules (or change their names) which the CompVis UNet has no counterpart for.
-_UNSUPPORTED: dict[str, Any] = {
-    "class_embed_type": None, "addition_embed_type": None, "encoder_hid_dim": None, "time_cond_proj_dim": None,
-    "dual_cross_attention": False, "only_cross_attention": False, "time_embedding_type": "positional",
-    "attention_type": "default", "reverse_transformer_layers_per_block": None, "time_embedding_dim": None,
-    "timestep_post_act": None, "mid_block_type": "UNetMidBlock2DCrossAttn",
+# The first stages of the CompVis model zoo (configs/first_stage_models/{vq-f4,kl-f8}/config.yaml, ddconfig).
+VQ_F4_DDCONFIG: dict[str, Any] = {
+    "double_z": False, "z_channels": 3, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+    "ch_mult": [1, 2, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0,
+}
+KL_F8_DDCONFIG: dict[str, Any] = {
+    "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+    "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0,
+}
+_VQ_F4 = {"target": "ldm.models.autoencoder.VQModelInterface",
+          "params": {"embed_dim": 3, "n_embed": 8192, "ddconfig": VQ_F4_DDCONFIG}}
+
+#: Layout name (the CompVis yaml's file name) -> its ``model.params`` (configs/latent-diffusion/*.yaml).
+LAYOUTS: dict[str, dict[str, Any]] = {
+    "cin256-v2": {
+        "linear_start": 0.0015, "linear_end": 0.0195, "timesteps": 1000, "conditioning_key": "crossattn",
+        "unet_config": {"params": {
+            "image_size": 64, "in_channels": 3, "out_channels": 3, "model_channels": 192,
+            "attention_resolutions": [8, 4, 2], "num_res_blocks": 2, "channel_mult": [1, 2, 3, 5], "num_heads": 1,
+            "use_spatial_transformer": True, "transformer_depth": 1, "context_dim": 512}},
+        "first_stage_config": _VQ_F4,
+        "cond_stage_config": {"target": "ldm.modules.encoders.modules.ClassEmbedder",
+                              "params": {"n_classes": 1001, "embed_dim": 512, "key": "class_label"}},
+    },
+    "lsun_bedrooms-ldm-vq-4": {
+        "linear_start": 0.0015, "linear_end": 0.0195, "timesteps": 1000,
+        "unet_config": {"params": {
+            "image_size": 64, "in_channels": 3, "out_channels": 3, "model_channels": 224,
+            "attention_resolutions": [8, 4, 2], "num_res_blocks": 2, "channel_mult": [1, 2, 3, 4],
+            "num_head_channels": 32}},
+        "first_stage_config": _VQ_F4,
+        "cond_stage_config": "__is_unconditional__",
+    },
+    # LDM-8: 8 heads at every attention level (head dims 24..96), which a stock UNet2DModel config cannot express:
+    # it converts with per_block_heads (--per-block-heads), and loaders must apply the heads (apply_attention_heads).
+    "lsun_churches-ldm-kl-8": {
+        "linear_start": 0.0015, "linear_end": 0.0155, "timesteps": 1000, "scale_by_std": True,
+        "unet_config": {"params": {
+            "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 192,
+            "attention_resolutions": [1, 2, 4, 8], "num_res_blocks": 2, "channel_mult": [1, 2, 2, 4, 4],
+            "num_heads": 8, "use_scale_shift_norm": True, "resblock_updown": True}},
+        "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL",
+                               "params": {"embed_dim": 4, "ddconfig": KL_F8_DDCONFIG}},
+        "cond_stage_config": "__is_unconditional__",
+    },
 }
 
-
-# --------------------------------------------------------------------------------------------------------- key maps
-def _cfg(config: Any) -> dict[str, Any]:
-    """Plain dict of a diffusers config (FrozenDict, model.config or dict)."""
-    return dict(config.items()) if hasattr(config, "items") else dict(vars(config))
-
-
-def _check_supported(cfg: Mapping[str, Any]) -> None:
-    for key, supported in _UNSUPPORTED.items():
-        value = cfg.get(key, supported)
-        if isinstance(value, (list, tuple)) and key == "only_cross_attention":
-            value = any(value)
-        if value != supported:
-            raise ValueError(f"UNet config {key}={value!r} has no CompVis counterpart; the converter supports only "
-                             f"{key}={supported!r} (CompVis openaimodel.UNetModel with SpatialTransformer)")
+# First-stage tensors a teacher does not need: the training losses (LPIPS, discriminator) of a first-stage checkpoint.
+_FIRST_STAGE_IGNORED = "first_stage_model.loss."
+# Top-level tensors the converter reads (the schedule is checked, the latent scale copied); the rest is ignored.
+_CONSUMED = ("betas", SCALE_FACTOR_KEY)
 
 
-def _module_params(bias: bool = True) -> tuple[str, ...]:
-    # GroupNorm/LayerNorm/Conv/Linear all store weight (+ bias); q/k/v projections of both codebases have no bias.
-    return ("weight", "bias") if bias else ("weight",)
-
-
-def _resnet(out: dict[str, str], src: str, dst: str, shortcut: bool) -> None:
-    """ResBlock ``src`` (CompVis) -> ResnetBlock2D ``dst`` (diffusers), module prefixes."""
-    names = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),
-             ("out_layers.0", "norm2"), ("out_layers.3", "conv2")]
-    if shortcut:  # a 1x1 conv only where the channel count changes
-        names.append(("skip_connection", "conv_shortcut"))
-    for a, b in names:
-        for p in _module_params():
-            out[f"{src}.{a}.{p}"] = f"{dst}.{b}.{p}"
-
-
-def _transformer(out: dict[str, str], src: str, dst: str, depth: int) -> None:
-    """SpatialTransformer ``src`` -> Transformer2DModel ``dst``; the inner names are identical in both."""
-    for name in ("norm", "proj_in", "proj_out"):
-        for p in _module_params():
-            out[f"{src}.{name}.{p}"] = f"{dst}.{name}.{p}"
-    for d in range(depth):
-        block = f"transformer_blocks.{d}"
-        names = [("norm1", True), ("norm2", True), ("norm3", True), ("ff.net.0.proj", True), ("ff.net.2", True)]
-        for attn in ("attn1", "attn2"):
-            names += [(f"{attn}.to_q", False), (f"{attn}.to_k", False), (f"{attn}.to_v", False),
-                      (f"{attn}.to_out.0", True)]
-        for name, bias in names:
-            for p in _module_params(bias):
-                out[f"{src}.{block}.{name}.{p}"] = f"{dst}.{block}.{name}.{p}"
-
-
-def _conv(out: dict[str, str], src: str, dst: str) -> None:
-    for p in ("weight", "bias"):
-        out[f"{src}.{p}"] = f"{dst}.{p}"
-
-
-def compvis_to_diffusers_unet_keys(config: Mapping[str, Any] | Any) -> dict[str, str]:
-    """CompVis UNet key -> diffusers ``UNet2DConditionModel`` key, for every parameter of the model ``config``.
-
-    Keys are without the ``model.diffusion_model.`` prefix. Derived from ``block_out_channels``,
-    ``layers_per_block``, the block types (which levels have attention) and ``transformer_layers_per_block``.
-
-    Raises:
-        ValueError: the config uses a diffusers feature without a CompVis counterpart.
-    """
-    cfg = _cfg(config)
-    _check_supported(cfg)
-    channels = list(cfg["block_out_channels"])
-    levels = len(channels)
-    layers = cfg["layers_per_block"]
-    if not isinstance(layers, int):
-        raise ValueError(f"layers_per_block={layers!r}: only one int for all levels is supported")
-    depth = cfg.get("transformer_layers_per_block", 1)
-    depths = [depth] * levels if isinstance(depth, int) else list(depth)
-    down_attn = ["CrossAttn" in t for t in cfg["down_block_types"]]
-    up_attn = ["CrossAttn" in t for t in cfg["up_block_types"]]
-
-    out: dict[str, str] = {}
-    for a, b in (("time_embed.0", "time_embedding.linear_1"), ("time_embed.2", "time_embedding.linear_2"),
-                 ("input_blocks.0.0", "conv_in"), ("out.0", "conv_norm_out"), ("out.2", "conv_out")):
-        _conv(out, a, b)
-    if cfg.get("num_class_embeds"):
-        out["label_emb.weight"] = "class_embedding.weight"
-
-    # Encoder: input_blocks.1.. hold [res, (transformer)] per layer, then a block with only the downsampler.
-    n = 1
-    skip_channels = [channels[0]]  # channels of every input block output, consumed by the decoder's concats
-    ch = channels[0]
-    for i, c in enumerate(channels):
-        for j in range(layers):
-            _resnet(out, f"input_blocks.{n}.0", f"down_blocks.{i}.resnets.{j}", shortcut=ch != c)
-            if down_attn[i]:
-                _transformer(out, f"input_blocks.{n}.1", f"down_blocks.{i}.attentions.{j}", depths[i])
-            ch = c
-            skip_channels.append(ch)
-            n += 1
-        if i != levels - 1:
-            _conv(out, f"input_blocks.{n}.0.op", f"down_blocks.{i}.downsamplers.0.conv")
-            skip_channels.append(ch)
-            n += 1
-
-    _resnet(out, "middle_block.0", "mid_block.resnets.0", shortcut=False)
-    _transformer(out, "middle_block.1", "mid_block.attentions.0", depths[-1])
-    _resnet(out, "middle_block.2", "mid_block.resnets.1", shortcut=False)
-
-    # Decoder: up block u is level levels-1-u; each of its layers_per_block + 1 res blocks concatenates one skip.
-    n = 0
-    rev_depths = depths[::-1]
-    for u in range(levels):
-        c = channels[levels - 1 - u]
-        for j in range(layers + 1):
-            in_ch = ch + skip_channels.pop()
-            _resnet(out, f"output_blocks.{n}.0", f"up_blocks.{u}.resnets.{j}", shortcut=in_ch != c)
-            sub = 1
-            if up_attn[u]:
-                _transformer(out, f"output_blocks.{n}.1", f"up_blocks.{u}.attentions.{j}", rev_depths[u])
-                sub = 2
-            if j == layers and u != levels - 1:  # the upsampler follows the transformer inside the same block
-                _conv(out, f"output_blocks.{n}.{sub}.conv", f"up_blocks.{u}.upsamplers.0.conv")
-            ch = c
-            n += 1
-    return out
-
-
-def diffusers_to_compvis_unet_keys(config: Mapping[str, Any] | Any) -> dict[str, str]:
-    """Inverse of :func:`compvis_to_diffusers_unet_keys`: diffusers key -> CompVis key (no prefix)."""
-    return {v: k for k, v in compvis_to_diffusers_unet_keys(config).items()}
-
-
-# ------------------------------------------------------------------------------------------------- state dicts
-def _fit(value: Tensor, shape: torch.Size) -> Tensor | None:
-    """``value`` in ``shape`` when the two differ only by trailing singleton dims (1x1 conv <-> linear), else None."""
-    if value.shape == shape:
-        return value
-    if value.numel() != shape.numel():
-        return None
-    a, b = list(value.shape), list(shape)
-    while a and a[-1] == 1 and len(a) > len(b):
-        a.pop()
-    while b and b[-1] == 1 and len(b) > len(a):
-        b.pop()
-    return value.reshape(shape) if a == b else None
-
-
-def _listing(keys: Sequence[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
-
-
-def convert_unet_state_dict(sd: Mapping[str, Tensor], unet: nn.Module,
-                            source: str = "state dict") -> dict[str, Tensor]:
-    """Renames (and reshapes 1x1 conv <-> linear where the layouts differ) a CompVis UNet state dict for ``unet``.
+# ------------------------------------------------------------------------------------------------- layouts
+@dataclass
+class TeacherSpec:
+    """What a CompVis ``model.params`` turns into (diffusers configs carry ``_class_name``).
 
     Args:
-        sd: CompVis UNet tensors, keys with or without the ``model.diffusion_model.`` prefix.
-        unet: the target ``UNet2DConditionModel``; its config drives the key map, its tensors the expected shapes.
-        source: name of the file the tensors came from, for error messages.
+        unet_config: UNet kwargs, or None when the layout has no ``unet_config``.
+        qkv_order: ``legacy`` / ``new`` (``use_new_attention_order``) for legacy attention blocks.
+        vae_config: first-stage kwargs, or None.
+        scheduler_config: ``DDPMScheduler`` kwargs.
+        conditioning: ``class`` or ``none`` (the ``teacher.conditioning`` to use).
+        scale_by_std: the latent scale is a checkpoint buffer (``scale_factor``), not a config value.
+    """
 
-    Returns:
-        A state dict that ``unet.load_state_dict(..., strict=True)`` accepts.
+    unet_config: dict[str, Any] | None
+    qkv_order: str = "legacy"
+    vae_config: dict[str, Any] | None = None
+    scheduler_config: dict[str, Any] = field(default_factory=lambda: dict(SCHEDULER_CONFIG))
+    conditioning: str = "none"
+    scale_by_std: bool = False
+
+    @property
+    def vae_subfolder(self) -> str | None:
+        """``vqvae`` for a VQModel, ``vae`` for an AutoencoderKL, None without a first stage."""
+        if self.vae_config is None:
+            return None
+        return "vqvae" if self.vae_config.get("_class_name") == "VQModel" else "vae"
+
+
+def _params(node: Any) -> dict[str, Any]:
+    return dict(node.get("params", {})) if isinstance(node, Mapping) else {}
+
+
+def teacher_spec(params: Mapping[str, Any], lazy_unet: bool = False, per_block_heads: bool = False) -> TeacherSpec:
+    """The diffusers configs of a CompVis ``LatentDiffusion`` whose yaml ``model.params`` is ``params``.
+
+    Args:
+        params: e.g. ``LAYOUTS["cin256-v2"]`` or :func:`load_compvis_config` of a yaml.
+        lazy_unet: leave ``unet_config`` None (the caller supplies its own; its translation errors do not apply).
+        per_block_heads: see :func:`train.convert_compvis_unet.compvis_unet_config`.
 
     Raises:
-        ValueError: unknown CompVis keys, diffusers keys left without a value, or shape mismatches; each listed by
-            name (first few and the count) with a hint on the likely config mismatch.
+        ValueError: a schedule, parameterization, conditioning or model option the converter does not support.
     """
-    mapping = compvis_to_diffusers_unet_keys(unet.config)
-    expected = unet.state_dict()
-    plain = {k.removeprefix(UNET_PREFIX): v for k, v in sd.items()}
-    converted: dict[str, Tensor] = {}
-    unknown: list[str] = []
-    bad_shape: list[str] = []
-    for key, value in plain.items():
-        target = mapping.get(key)
-        if target is None or target not in expected:
-            unknown.append(key)
+    p = dict(params)
+    for key, value in (("beta_schedule", "linear"), ("parameterization", "eps"), ("given_betas", None)):
+        if p.get(key, value) != value:
+            raise ValueError(f"CompVis model.params {key}={p[key]!r} is not supported (only {value!r})")
+    unet_params = _params(p.get("unet_config"))
+    unet_config = None if lazy_unet or not unet_params else compvis_unet_config(unet_params, per_block_heads)
+    spec = TeacherSpec(unet_config=unet_config, qkv_order=qkv_order_of(unet_params),
+                       scale_by_std=bool(p.get("scale_by_std", False)))
+    spec.scheduler_config = {**SCHEDULER_CONFIG, "num_train_timesteps": int(p.get("timesteps", 1000)),
+                             "beta_start": float(p.get("linear_start", 0.0015)),
+                             "beta_end": float(p.get("linear_end", 0.0195))}
+    first = p.get("first_stage_config")
+    if isinstance(first, Mapping):
+        target, fp = str(first.get("target", "")), _params(first)
+        if target.rsplit(".", 1)[-1] not in ("VQModelInterface", "VQModel", "AutoencoderKL"):
+            raise ValueError(f"CompVis first_stage_config target {target!r} is not supported (VQModelInterface, "
+                             "VQModel, AutoencoderKL)")
+        n_embed = fp.get("n_embed") if "VQ" in target.rsplit(".", 1)[-1] else None
+        spec.vae_config = compvis_first_stage_config(fp["ddconfig"], int(fp["embed_dim"]), n_embed,
+                                                     float(p.get("scale_factor", 1.0)))
+    cond = p.get("cond_stage_config")
+    if isinstance(cond, Mapping):
+        target = str(cond.get("target", ""))
+        if target.rsplit(".", 1)[-1] != "ClassEmbedder" or p.get("conditioning_key", "crossattn") != "crossattn":
+            raise ValueError(f"CompVis cond_stage_config {target!r} (conditioning_key "
+                             f"{p.get('conditioning_key')!r}) is not supported: only a ClassEmbedder as "
+                             "cross-attention context (cin256) or '__is_unconditional__'")
+        spec.conditioning = "class"
+    elif cond not in (None, "__is_unconditional__"):
+        raise ValueError(f"CompVis cond_stage_config {cond!r} is not supported (a ClassEmbedder or "
+                         "'__is_unconditional__')")
+    return spec
+
+
+def load_compvis_config(path: str | Path) -> dict[str, Any]:
+    """``model.params`` of a CompVis yaml (``configs/latent-diffusion/*.yaml``) as a plain dict."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(OmegaConf.load(str(path)), resolve=True)
+    try:
+        return dict(cfg["model"]["params"])
+    except (KeyError, TypeError):
+        raise ValueError(f"{path}: expected a CompVis config with model.params (unet_config, first_stage_config, "
+                         "...)") from None
+
+
+# ---------------------------------------------------------------------------------------- EfficientDM layer map
+#: CompVis modules the reference keeps at 8 bits: the first three and the last Conv2d/Linear in module order.
+_REFERENCE_SPECIAL = ("time_embed.0", "time_embed.2", "input_blocks.0.0", "out.2")
+
+
+@dataclass
+class LayerMapCheck:
+    """EfficientDM's treatment of every Conv2d/Linear of a converted UNet, two ways, by diffusers module name.
+
+    ``reference``: the reference code's rule (ThisisBillhe/EfficientDM ``QuantModel_intnlora``) on the CompVis
+    modules: every ``nn.Conv2d`` / ``nn.Linear`` whose attribute name contains neither ``skip`` nor ``op`` is
+    quantized, the first three and the last at W8A8 without LoRA, the rest with QALoRA; ``Conv1d`` (the legacy
+    ``AttentionBlock``'s ``qkv`` / ``proj_out``) is left in full precision. ``spec``: what
+    ``qat.methods.efficientdm.build_student`` (``prepare``) does to the diffusers UNet with ``overrides``
+    (``EfficientDMConfig`` fields). Roles: ``W8A8``, ``QALoRA``, ``FP``. ``fix``: the ``efficientdm.*`` overrides
+    that make the two agree (checked), when they differ.
+    """
+
+    reference: dict[str, str]
+    spec: dict[str, str]
+    overrides: dict[str, list[str]] = field(default_factory=dict)
+    fix: dict[str, list[str]] | None = None
+
+    @staticmethod
+    def counts(roles: Mapping[str, str]) -> dict[str, int]:
+        """``{"W8A8": n, "QALoRA": m, "FP": k}``."""
+        return {r: sum(1 for v in roles.values() if v == r) for r in ("W8A8", "QALoRA", "FP")}
+
+    @property
+    def mismatches(self) -> list[tuple[str, str, str]]:
+        """``(module, reference role, spec role)`` where the two differ."""
+        names = list(self.reference) + [n for n in self.spec if n not in self.reference]
+        return [(n, self.reference.get(n, "-"), self.spec.get(n, "-")) for n in names
+                if self.reference.get(n) != self.spec.get(n)]
+
+    def __str__(self) -> str:
+        ref, spec = self.counts(self.reference), self.counts(self.spec)
+        head = (f"EfficientDM layer map: qat.methods.efficientdm{f' with {self.overrides}' if self.overrides else ''}"
+                f" quantizes {spec['W8A8'] + spec['QALoRA']} layers ({spec['W8A8']} W8A8, {spec['QALoRA']} QALoRA, "
+                f"{spec['FP']} FP); the reference rule on the CompVis names quantizes "
+                f"{ref['W8A8'] + ref['QALoRA']} ({ref['W8A8']} W8A8, {ref['QALoRA']} QALoRA, {ref['FP']} FP)")
+        bad = self.mismatches
+        if not bad:
+            return head + ": identical"
+        lines = [head + f": {len(bad)} layers differ"] + [f"  {n}: reference {r}, here {s}" for n, r, s in bad[:6]]
+        if len(bad) > 6:
+            lines.append(f"  ... ({len(bad) - 6} more)")
+        if any(".attentions." in n and r == "FP" for n, r, _ in bad):
+            lines.append("  attentions: the legacy AttentionBlocks' projections are Conv1d in CompVis, which the "
+                         "reference does not quantize")
+        if any(".downsamplers." in n and s == "FP" and r != "FP" for n, r, s in bad):
+            lines.append("  downsamplers: resblock_updown downsamples with ResBlocks, which the reference quantizes "
+                         "(it only skips modules named 'op'); the family's '*.downsamplers.*' exclusion drops them")
+        if self.fix:
+            lines.append("  to match the reference, set " + " ".join(
+                f"efficientdm.{k}={json.dumps(v)}" for k, v in self.fix.items()) + " (checked: identical)")
+        return "\n".join(lines)
+
+
+def _suggest(check: LayerMapCheck, unet: nn.Module) -> dict[str, list[str]]:
+    """``EfficientDMConfig`` overrides addressing the known differences of :class:`LayerMapCheck`."""
+    from qat.methods.efficientdm import FAMILY_RULES
+    from qat.prepare import match
+
+    fix: dict[str, list[str]] = {}
+    bad = check.mismatches
+    if any(".attentions." in n and r == "FP" for n, r, _ in bad):
+        fix["extra_exclude"] = ["*.attentions.*"]
+    if any(".downsamplers." in n and s == "FP" and r != "FP" for n, r, s in bad):
+        patterns = [p for p in FAMILY_RULES["unet"].exclude if p != "*.downsamplers.*"]
+        if any(match(name, "*.downsamplers.*.conv") and isinstance(m, nn.Conv2d) for name, m in unet.named_modules()):
+            patterns.append("*.downsamplers.*.conv")  # conv downsamplers (the CompVis 'op') stay excluded
+        fix["exclude_patterns"] = patterns
+    return fix
+
+
+def efficientdm_layer_check(unet: nn.Module, extra_exclude: Sequence[str] = (),
+                            exclude_patterns: Sequence[str] | None = None) -> LayerMapCheck:
+    """Compares EfficientDM's layer treatment on a converted UNet with the reference code's rule (see
+    :class:`LayerMapCheck`). ``prepare`` runs on a meta-device copy built from ``unet.config``: nothing is allocated
+    and ``unet`` is not modified.
+
+    Args:
+        unet: a converted ``UNet2DConditionModel`` / ``UNet2DModel``.
+        extra_exclude: ``efficientdm.extra_exclude`` patterns to apply (e.g. ``["*.attentions.*"]``).
+        exclude_patterns: ``efficientdm.exclude_patterns`` (replaces the family's exclusions) or None.
+    """
+    from qat.methods.efficientdm import EfficientDMConfig, efficientdm_spec
+    from qat.prepare import prepare
+
+    mapping, conv_dims = _unet_map(unet)
+    modules = dict(unet.named_modules())
+    reference: dict[str, str] = {}
+    for key, target in mapping.items():
+        if not key.endswith(".weight"):
             continue
-        fitted = _fit(value, expected[target].shape)
-        if fitted is None:
-            bad_shape.append(f"{key} -> {target}: checkpoint {tuple(value.shape)} vs model "
-                             f"{tuple(expected[target].shape)}")
-            continue
-        converted[target] = fitted.to(expected[target].dtype)
-    supplied = {mapping[k] for k in plain if k in mapping}  # wrong-shaped keys are reported once, not as missing
-    missing = [k for k in expected if k not in supplied]
-    problems = []
-    if unknown:
-        problems.append(f"unknown CompVis keys {_listing(unknown)}")
-    if missing:
-        problems.append(f"diffusers keys without a value in the checkpoint {_listing(missing)}")
-    if bad_shape:
-        problems.append(f"shape mismatches {_listing(bad_shape, 4)}")
-    if problems:
-        raise ValueError(f"{source}: the CompVis UNet does not match the diffusers config "
-                         f"(block_out_channels={tuple(unet.config.block_out_channels)}, "
-                         f"layers_per_block={unet.config.layers_per_block}, "
-                         f"down_block_types={tuple(unet.config.down_block_types)}): " + "; ".join(problems)
-                         + ". Pass the UNet config matching the checkpoint (--layout / --unet-config).")
-    return converted
+        src = key[: -len(".weight")]
+        for t in (target,) if isinstance(target, str) else target:
+            dst = t[: -len(".weight")]
+            if not isinstance(modules[dst], (nn.Conv2d, nn.Linear)):
+                continue  # norms and embeddings are never quantized
+            attr = src.rsplit(".", 1)[-1]
+            if conv_dims.get(key) == 1 or "skip" in attr or "op" in attr:
+                reference[dst] = "FP"  # Conv1d (legacy attention) or a name the reference filters out
+            else:
+                reference[dst] = "W8A8" if src in _REFERENCE_SPECIAL else "QALoRA"
+    overrides: dict[str, list[str]] = {}
+    if extra_exclude:
+        overrides["extra_exclude"] = list(extra_exclude)
+    if exclude_patterns is not None:
+        overrides["exclude_patterns"] = list(exclude_patterns)
+    with torch.device("meta"):
+        meta = type(unet).from_config(unet.config)
+    report = prepare(meta, efficientdm_spec(EfficientDMConfig(family="unet", **overrides)))
+    spec = {name: "QALoRA" if rank else "W8A8" for name, _, _, _, rank, _ in report.rows}
+    spec.update({name: "FP" for name in report.excluded})
+    check = LayerMapCheck(reference=reference, spec=spec, overrides=overrides)
+    if check.mismatches and not overrides:
+        fix = _suggest(check, unet)
+        if fix and not efficientdm_layer_check(unet, **fix).mismatches:
+            check.fix = fix
+    return check
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
@@ -312,17 +398,30 @@ def load_compvis_state_dict(path: str | Path) -> dict[str, Tensor]:
     return tensors
 
 
-def _split(sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor | None, list[str]]:
-    """(unet tensors without prefix, first-stage tensors without prefix, class table or None, other keys)."""
-    unet, first, other = {}, {}, []
+@dataclass
+class _Parts:
+    unet: dict[str, Tensor] = field(default_factory=dict)
+    first_stage: dict[str, Tensor] = field(default_factory=dict)
+    class_table: Tensor | None = None
+    cond_other: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+
+def _split(sd: Mapping[str, Tensor]) -> _Parts:
+    """UNet / first-stage tensors without prefix, the class table, unsupported cond-stage keys, ignored keys."""
+    parts = _Parts()
     for k, v in sd.items():
         if k.startswith(UNET_PREFIX):
-            unet[k[len(UNET_PREFIX):]] = v
-        elif k.startswith(FIRST_STAGE_PREFIX):
-            first[k[len(FIRST_STAGE_PREFIX):]] = v
-        elif k != CLASS_EMBEDDING_KEY:
-            other.append(k)
-    return unet, first, sd.get(CLASS_EMBEDDING_KEY), other
+            parts.unet[k[len(UNET_PREFIX):]] = v
+        elif k.startswith(FIRST_STAGE_PREFIX) and not k.startswith(_FIRST_STAGE_IGNORED):
+            parts.first_stage[k[len(FIRST_STAGE_PREFIX):]] = v
+        elif k == CLASS_EMBEDDING_KEY:
+            parts.class_table = v
+        elif k.startswith(COND_STAGE_PREFIX):
+            parts.cond_other.append(k)
+        elif k not in _CONSUMED:  # schedule buffers, model_ema.*, logvar, first-stage losses
+            parts.ignored.append(k)
+    return parts
 
 
 def _check_betas(betas: Tensor, scheduler: DDPMScheduler, source: str) -> None:
@@ -333,87 +432,165 @@ def _check_betas(betas: Tensor, scheduler: DDPMScheduler, source: str) -> None:
         raise ValueError(
             f"{source}: key 'betas' ({theirs.numel()} steps, {theirs[0].item():.6g}..{theirs[-1].item():.6g}) does "
             f"not match the scheduler ({ours.numel()} steps, {ours[0].item():.6g}..{ours[-1].item():.6g}); pass "
-            "scheduler_config overrides (num_train_timesteps / beta_start / beta_end / beta_schedule) that match")
+            "the layout of the checkpoint (--layout / --compvis-config: linear_start, linear_end, timesteps) or "
+            "scheduler_config overrides that match")
+
+
+def _check_class_table(table: Tensor, unet: nn.Module, source: str) -> None:
+    if table.ndim != 2 or table.shape[0] < 2:
+        raise ValueError(f"{source}: {CLASS_EMBEDDING_KEY} has shape {tuple(table.shape)}; expected "
+                         "(num_classes + 1, context_dim) with the null class as last row")
+    width = getattr(unet.config, "cross_attention_dim", None)
+    if table.shape[1] != width:
+        raise ValueError(f"{source}: {CLASS_EMBEDDING_KEY} has width {table.shape[1]} but the UNet's "
+                         f"cross_attention_dim is {width}; fix the UNet config (context_dim)")
+
+
+def _convert_first_stage(tensors: Mapping[str, Tensor], sd: Mapping[str, Tensor], vae_config: Mapping[str, Any],
+                         spec: TeacherSpec, source: str) -> nn.Module:
+    """The diffusers autoencoder of ``first_stage_model.*``, ``scaling_factor`` from the checkpoint if it has one."""
+    cfg = dict(vae_config)
+    if SCALE_FACTOR_KEY in sd:  # LatentDiffusion registers it as a buffer when scale_by_std is set
+        cfg["scaling_factor"] = float(sd[SCALE_FACTOR_KEY].item())
+    elif spec.scale_by_std:
+        raise ValueError(f"{source}: the layout has scale_by_std=True but the checkpoint has no '{SCALE_FACTOR_KEY}' "
+                         "tensor; pass the latent scale as vae_config scaling_factor")
+    vae = build_vae(cfg).eval()
+    vae.load_state_dict(convert_vae_state_dict(tensors, vae, source=source), strict=True)
+    return vae
 
 
 def convert_checkpoint(checkpoint_path: str | Path, out_dir: str | Path, unet_config: dict[str, Any] | None = None,
-                       scheduler_config: dict[str, Any] | None = None) -> Path:
-    """Writes a DiffQAT teacher directory (``unet/``, ``scheduler/``, ``class_embedder/``) from a CompVis checkpoint.
+                       scheduler_config: dict[str, Any] | None = None, *,
+                       layout: str | Mapping[str, Any] = "cin256-v2", vae_config: dict[str, Any] | None = None,
+                       check_layer_map: bool = True, per_block_heads: bool = False) -> Path:
+    """Writes a DiffQAT teacher directory from a full CompVis ``LatentDiffusion`` checkpoint.
 
     Args:
-        checkpoint_path: ``.safetensors`` or ``.ckpt`` with ``model.diffusion_model.*`` (and, for class-conditional
-            models, ``cond_stage_model.embedding.weight`` of shape ``(num_classes + 1, context_dim)``).
+        checkpoint_path: ``.safetensors`` or ``.ckpt`` with ``model.diffusion_model.*`` and optionally
+            ``first_stage_model.*`` (written to ``vqvae/`` or ``vae/``) and ``cond_stage_model.embedding.weight``
+            of shape ``(num_classes + 1, context_dim)`` (written to ``class_embedder/``).
         out_dir: directory to create or fill.
-        unet_config: ``UNet2DConditionModel`` kwargs matching the checkpoint; default cin256-v2.
-        scheduler_config: overrides of :data:`SCHEDULER_CONFIG`.
+        unet_config: diffusers UNet kwargs overriding the layout's (``_class_name`` optional: cross-attention
+            configs are ``UNet2DConditionModel``, others ``UNet2DModel``).
+        scheduler_config: overrides of the layout's scheduler (``DDPMScheduler`` kwargs).
+        layout: a name in :data:`LAYOUTS` or a CompVis ``model.params`` mapping (:func:`load_compvis_config`).
+        vae_config: diffusers ``VQModel`` / ``AutoencoderKL`` kwargs overriding the layout's first stage.
+        check_layer_map: log :func:`efficientdm_layer_check` of the converted UNet.
+        per_block_heads: convert a ``num_heads`` legacy-attention UNet whose head dim changes per level (LSUN
+            churches LDM-8) with per-module head counts in ``unet/config.json``; loaders must then call
+            :func:`train.convert_compvis_unet.apply_attention_heads` after ``from_pretrained``.
 
     Returns:
-        ``out_dir`` as a Path (use it as ``teacher.path``; conditioning ``class`` when a class embedder was written,
-        else ``none``).
+        ``out_dir`` as a Path (``teacher.path``; the log line says which conditioning and ``vae_subfolder`` to use).
 
     Raises:
-        ValueError: missing UNet weights, key/shape mismatches, a class table that does not fit the UNet, betas that
-            do not match the scheduler, or an unsafe pickle; messages name the file and key.
+        ValueError: missing UNet weights, unknown / missing / mis-shaped keys (named, with the config to fix), a
+            class table that does not fit the UNet, betas that do not match the scheduler, a scale_by_std
+            checkpoint without its scale, an unsupported layout, or an unsafe pickle.
     """
     path = Path(checkpoint_path)
     out = Path(out_dir)
+    if isinstance(layout, str) and layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; known: {sorted(LAYOUTS)} (or pass the CompVis yaml's "
+                         "model.params, --compvis-config)")
+    params = LAYOUTS[layout] if isinstance(layout, str) else dict(layout)
     sd = load_compvis_state_dict(path)
-    unet_sd, first_stage, class_table, other = _split(sd)
-    if not unet_sd:
+    parts = _split(sd)
+    if not parts.unet:
         raise ValueError(f"{path}: no '{UNET_PREFIX}*' keys; is this a CompVis LatentDiffusion checkpoint? "
                          f"first keys: {list(sd)[:5]}")
-    unet = UNet2DConditionModel(**(unet_config or CIN256_V2_UNET_CONFIG))
-    unet.load_state_dict(convert_unet_state_dict(unet_sd, unet, source=str(path)), strict=True)
+    if parts.cond_other:
+        raise ValueError(f"{path}: cond_stage_model keys {_listing(parts.cond_other)} are not supported: the "
+                         f"converter handles a class table ({CLASS_EMBEDDING_KEY}) or no conditioning model")
+    spec = teacher_spec(params, lazy_unet=unet_config is not None, per_block_heads=per_block_heads)
+    unet = build_unet(unet_config if unet_config is not None else spec.unet_config).eval()
+    if getattr(unet.config, HEADS_KEY, None):
+        log.warning("%s: the UNet keeps CompVis' per-level head counts in unet/config.json (%s); from_pretrained "
+                    "does not apply them: load it with train.convert_compvis_unet.apply_attention_heads(unet) "
+                    "after from_pretrained, or its attention is wrong", path, HEADS_KEY)
+    unet.load_state_dict(convert_unet_state_dict(parts.unet, unet, source=str(path), qkv_order=spec.qkv_order),
+                         strict=True)
 
-    scheduler = DDPMScheduler(**{**SCHEDULER_CONFIG, **(scheduler_config or {})})
+    scheduler = DDPMScheduler(**{**spec.scheduler_config, **(scheduler_config or {})})
     if "betas" in sd:
         _check_betas(sd["betas"], scheduler, str(path))
+    if parts.class_table is not None:
+        _check_class_table(parts.class_table, unet, str(path))
+    elif spec.conditioning == "class":
+        log.warning("%s: the layout is class-conditional but the checkpoint has no %s; no class_embedder/ is "
+                    "written", path, CLASS_EMBEDDING_KEY)
 
-    if class_table is not None:
-        if class_table.ndim != 2 or class_table.shape[0] < 2:
-            raise ValueError(f"{path}: {CLASS_EMBEDDING_KEY} has shape {tuple(class_table.shape)}; expected "
-                             "(num_classes + 1, context_dim) with the null class as last row")
-        if class_table.shape[1] != unet.config.cross_attention_dim:
-            raise ValueError(f"{path}: {CLASS_EMBEDDING_KEY} has width {class_table.shape[1]} but the UNet's "
-                             f"cross_attention_dim is {unet.config.cross_attention_dim}; fix the UNet config")
-    if first_stage:
-        # TODO(issue 7): VQ-f4 first stage -> diffusers VQModel; until then the decoder must be supplied separately.
-        log.warning("%s: %d first_stage_model.* tensors not converted (VQModel conversion not implemented); "
-                    "teacher.vae_subfolder must stay unset or point to a separately converted VQModel", path,
-                    len(first_stage))
-    if other:
-        log.info("%s: ignored %d keys outside the UNet / class embedder (e.g. %s)", path, len(other), other[:3])
+    vae = None
+    vae_cfg = vae_config if vae_config is not None else spec.vae_config
+    if parts.first_stage:
+        if vae_cfg is None:
+            raise ValueError(f"{path}: {len(parts.first_stage)} first_stage_model.* tensors but no first-stage "
+                             "config; pass --layout / --compvis-config with a first_stage_config, or --vae-config")
+        vae = _convert_first_stage(parts.first_stage, sd, vae_cfg, spec, str(path))
+    elif vae_cfg is not None:
+        log.warning("%s: no first_stage_model.* tensors; the teacher has no latent decoder (leave "
+                    "teacher.vae_subfolder unset)", path)
+    if parts.ignored:
+        log.info("%s: ignored tensors outside the UNet / first stage / class table: %s", path,
+                 _listing(parts.ignored, 4))
+    if check_layer_map:
+        log.info("%s", efficientdm_layer_check(unet))
 
     out.mkdir(parents=True, exist_ok=True)
     unet.save_pretrained(str(out / "unet"))
     scheduler.save_pretrained(str(out / "scheduler"))
-    if class_table is not None:
-        embedder = ClassEmbedder(num_classes=class_table.shape[0] - 1, embed_dim=class_table.shape[1])
-        embedder.embedding.weight.data.copy_(class_table)
+    subfolder = None
+    if vae is not None:
+        subfolder = "vqvae" if type(vae).__name__ == "VQModel" else "vae"
+        vae.save_pretrained(str(out / subfolder))
+    if parts.class_table is not None:
+        table = parts.class_table
+        embedder = ClassEmbedder(num_classes=table.shape[0] - 1, embed_dim=table.shape[1])
+        embedder.embedding.weight.data.copy_(table)
         embedder.save_pretrained(str(out / "class_embedder"))
+    log.info("%s: teacher.path=%s teacher.conditioning=%s%s", out, out,
+             "class" if parts.class_table is not None else "none",
+             f" teacher.vae_subfolder={subfolder}" if subfolder else "")
     return out
 
 
 # ------------------------------------------------------------------------------------------------------------ CLI
+def _json_config(path: str) -> dict[str, Any]:
+    """A diffusers config.json (or plain kwargs) as kwargs; ``_class_name`` is kept, other ``_*`` keys dropped."""
+    raw = json.loads(Path(path).read_text())
+    return {k: v for k, v in raw.items() if not k.startswith("_") or k in ("_class_name", HEADS_KEY)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m train.convert_compvis CHECKPOINT OUT_DIR [--layout cin256-v2 | --unet-config config.json]``."""
-    parser = argparse.ArgumentParser(description="Convert a CompVis latent-diffusion checkpoint into a DiffQAT "
-                                                 "teacher directory (diffusers layout).")
+    """``python -m train.convert_compvis CHECKPOINT OUT_DIR [--layout NAME | --compvis-config YAML] [...]``."""
+    parser = argparse.ArgumentParser(description="Convert a CompVis latent-diffusion checkpoint (UNet, first stage, "
+                                                 "class embedder, schedule) into a DiffQAT teacher directory.")
     parser.add_argument("checkpoint", help=".safetensors (preferred) or .ckpt holding only tensors")
     parser.add_argument("out_dir")
     parser.add_argument("--layout", choices=sorted(LAYOUTS), default="cin256-v2",
-                        help="named UNet2DConditionModel config of the checkpoint")
-    parser.add_argument("--unet-config", help="JSON file of UNet2DConditionModel kwargs (overrides --layout)")
+                        help="named CompVis model config of the checkpoint (default cin256-v2)")
+    parser.add_argument("--compvis-config", help="CompVis yaml of the checkpoint (model.params; overrides --layout)")
+    parser.add_argument("--unet-config", help="JSON of diffusers UNet kwargs (overrides the layout's UNet)")
+    parser.add_argument("--vae-config", help="JSON of diffusers VQModel / AutoencoderKL kwargs (overrides the "
+                                             "layout's first stage)")
+    parser.add_argument("--per-block-heads", action="store_true",
+                        help="store per-module head counts for num_heads UNets whose head dim changes per level "
+                             "(LSUN churches LDM-8); loaders must apply them (apply_attention_heads)")
+    parser.add_argument("--no-layer-check", action="store_true", help="skip the EfficientDM layer-map check")
     args = parser.parse_args(argv)
-    unet_config = LAYOUTS[args.layout]
-    if args.unet_config:
-        unet_config = {k: v for k, v in json.loads(Path(args.unet_config).read_text()).items()
-                       if not k.startswith("_")}
+    layout: str | dict[str, Any] = load_compvis_config(args.compvis_config) if args.compvis_config else args.layout
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = convert_checkpoint(args.checkpoint, args.out_dir, unet_config=unet_config)
-    print(f"wrote {out} (unet/, scheduler/{', class_embedder/' if (out / 'class_embedder').exists() else ''})")
+    out = convert_checkpoint(args.checkpoint, args.out_dir,
+                             unet_config=_json_config(args.unet_config) if args.unet_config else None,
+                             vae_config=_json_config(args.vae_config) if args.vae_config else None,
+                             layout=layout, check_layer_map=not args.no_layer_check,
+                             per_block_heads=args.per_block_heads)
+    written = [p.name for p in sorted(out.iterdir()) if (p / "config.json").exists() or p.name == "scheduler"]
+    print(f"wrote {out} ({', '.join(f'{w}/' for w in written)})")
     return 0
 
 
 if __name__ == "__main__":
     raise SystemExit(main())
+

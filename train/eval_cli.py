@@ -78,8 +78,10 @@ def main(argv: list[str] | None = None) -> Path:
     teacher = load_teacher(cfg.teacher, device)
     if kind == "export":
         from qat.export import load_quantized
+        from train.families import set_family
 
         student = load_quantized(weights / "unet", device=device)
+        set_family(student, teacher.family)  # a teacher.family override also applies to the reloaded export
     else:
         student, _ = build_student(cfg, teacher)
         student.to(device)

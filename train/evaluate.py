@@ -29,8 +29,8 @@ from train.pipeline import QATDiffusionPipeline, sample_seeds
 from train.teacher import Teacher
 from train.trajectories import _trajectories, guided_eps
 
-__all__ = ["HeldOut", "heldout_eps_mse", "SampleSet", "generate", "shard_indices", "gather_samples", "fidelity",
-           "merge_samples", "DistributionScorer", "Evaluator"]
+__all__ = ["HeldOut", "heldout_eps_mse", "x0_error_weight", "SampleSet", "generate", "shard_indices",
+           "gather_samples", "fidelity", "merge_samples", "DistributionScorer", "Evaluator"]
 
 
 class HeldOut:
@@ -53,7 +53,8 @@ def heldout_eps_mse(model: nn.Module, held: HeldOut, batch_size: int = 256) -> d
     elements per sample) is the distillation objective. Near ``t = 0`` the eps error barely moves the sample but
     dominates that mean, so the implied clean-sample error is reported too:
     ``x0_mse = mean (1 - abar_t) / abar_t * ||eps_model - eps_teacher||^2 / D``, since
-    ``x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)``.
+    ``x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)`` (for other model outputs see :func:`x0_error_weight`;
+    "eps" then stands for whatever the model predicts, ``v`` or a flow velocity).
 
     Returns:
         ``eps_mse``, ``x0_mse`` and their per-step means ``eps_mse_by_step`` / ``x0_mse_by_step`` (high noise
@@ -73,8 +74,7 @@ def heldout_eps_mse(model: nn.Module, held: HeldOut, batch_size: int = 256) -> d
             eu = d["eps_uncond"][sl].to(device)
             target = eu + held.guidance * (target - eu)
         per_sample[sl] = (eps.float() - target).pow(2).flatten(1).mean(1).cpu()
-    abar = held.teacher.scheduler.alphas_cumprod.double()[d["t"].long().cpu()]
-    x0 = per_sample.double() * (1 - abar) / abar
+    x0 = per_sample.double() * x0_error_weight(held.teacher.scheduler, d["t"].cpu())
     # _trajectories lays samples out step-major: (step, trajectory)
     by_step = per_sample.reshape(held.num_steps, held.num_trajectories).mean(1)
     x0_by_step = x0.reshape(held.num_steps, held.num_trajectories).mean(1)
@@ -82,9 +82,29 @@ def heldout_eps_mse(model: nn.Module, held: HeldOut, batch_size: int = 256) -> d
             "eps_mse_by_step": [float(v) for v in by_step], "x0_mse_by_step": [float(v) for v in x0_by_step]}
 
 
+def x0_error_weight(scheduler: Any, t: Tensor) -> Tensor:
+    """Factor ``w(t)`` with ``||x0_model - x0_teacher||^2 = w(t) ||out_model - out_teacher||^2`` at ``x_t``, ``(N,)``.
+
+    ``epsilon``: ``(1 - abar) / abar``; ``v_prediction`` (``x0 = sqrt(abar) x - sqrt(1 - abar) v``): ``1 - abar``;
+    ``sample``: 1; flow matching (``x0 = x - sigma v``, ``t = sigma * num_train_timesteps``): ``sigma^2``.
+    """
+    from train.teacher import is_flow_scheduler
+
+    if is_flow_scheduler(scheduler):
+        return (t.double() / float(scheduler.config.num_train_timesteps)) ** 2
+    abar = scheduler.alphas_cumprod.double()[t.long()]
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    if kind == "v_prediction":
+        return 1 - abar
+    if kind == "sample":
+        return torch.ones_like(abar)
+    return (1 - abar) / abar
+
+
 @dataclass
 class SampleSet:
-    """Generated samples: ``images`` float ``(N, C, H, W)`` in ``[-1, 1]`` (unclamped), ``labels`` and sample
+    """Generated samples: ``images`` float ``(N, C, H, W)`` in ``[-1, 1]`` (unclamped; video latents with their
+    frames side by side, :meth:`train.teacher.Teacher.as_images`), ``labels`` and sample
     ``indices`` ``(N,)``, all on the CPU and sorted by index."""
 
     images: Tensor
@@ -116,10 +136,10 @@ def generate(model: nn.Module, teacher: Teacher, indices: list[int], *, schedule
         chunk = indices[start : start + batch_size]
         lab, noise, gens = sample_seeds(chunk, teacher.num_classes, seed, teacher.sample_shape, balanced)
         out = pipe(noise, lab, num_inference_steps=num_steps, guidance_scale=guidance, eta=eta, generator=gens)
-        images.append(out.images.float().cpu())
+        images.append(teacher.as_images(out.images.float().cpu()))
         labels.append(lab)
-    shape = (0, *teacher.sample_shape)
-    return SampleSet(torch.cat(images) if images else torch.empty(shape),
+    empty = teacher.as_images(torch.empty(0, *teacher.sample_shape))
+    return SampleSet(torch.cat(images) if images else empty,
                      torch.cat(labels) if labels else torch.empty(0, dtype=torch.long),
                      torch.tensor(indices, dtype=torch.long))
 

@@ -6,7 +6,8 @@ Layout of ``<out>`` (a diffusers-style model directory; :func:`qat.load_quantize
     <out>/unet/diffusion_pytorch_model.safetensors   packed integer weights, quantizer tables, FP tensors
     <out>/scheduler/                                 the teacher's scheduler
     <out>/class_embedder/                            the teacher's class embedder (class conditioning)
-    <out>/prompt_embeds.safetensors                  the teacher's prompt embeddings (prompt_embeds conditioning)
+    <out>/prompt_embeds.safetensors                  the teacher's prompt embeddings (prompt_embeds / prompts
+                                                     conditioning; for prompts: the encoded prompt file)
     <out>/run_config.yaml                            the recipe of the run (``evaluate.py <out>`` reads it)
     <out>/README.md                                  model card (scheme, FP layers, sizes, evaluation, how to load)
 """
@@ -62,7 +63,7 @@ def verify_export(student: torch.nn.Module, loaded: torch.nn.Module, teacher: Te
                   device: torch.device) -> float:
     """Max |student - loaded| of the noise prediction on random inputs at the first, middle and last grid timesteps."""
     import qat
-    from train.teacher import denoise
+    from train.families import denoise, model_dtype
 
     gen = torch.Generator().manual_seed(0)
     grid = teacher.ddim(cfg.trajectories.num_steps).timesteps
@@ -71,11 +72,11 @@ def verify_export(student: torch.nn.Module, loaded: torch.nn.Module, teacher: Te
     labels = torch.randint(0, teacher.num_classes, (len(t),), generator=gen).to(device)
     context = teacher.contexts(labels)[0]
     if context is not None:  # a bf16 teacher's contexts, for an fp32 student
-        context = context.to(next(student.parameters()).dtype)
+        context = context.to(model_dtype(student))
     diffs = []
     for model in (student, loaded):
         with qat.timestep(model, t):
-            diffs.append(denoise(model, x, t, context).float())
+            diffs.append(denoise(model, x, t, context, teacher.family).float())
     return float((diffs[0] - diffs[1]).abs().max())
 
 
@@ -97,10 +98,19 @@ def export_run(student: torch.nn.Module, teacher: Teacher, cfg: RunConfig, out: 
     (unet_dir / CARD_NAME).unlink()  # the card lives at the model root, with subfolder-aware instructions
     root = resolve_path(cfg.teacher.path)
     shutil.copytree(root / cfg.teacher.scheduler_subfolder, out / "scheduler", dirs_exist_ok=True)
-    if cfg.teacher.conditioning == "class":
+    if teacher.class_embedder is not None:  # (DiT embeds its labels itself)
         shutil.copytree(root / cfg.teacher.class_embedder_subfolder, out / "class_embedder", dirs_exist_ok=True)
     elif cfg.teacher.conditioning == "prompt_embeds":
         shutil.copyfile(resolve_path(cfg.teacher.prompt_embeds_path), out / "prompt_embeds.safetensors")
+    elif cfg.teacher.conditioning == "prompts":  # the encoded prompts: sampling the export needs no text encoder
+        from train.text import save_prompt_embeds
+
+        tensors = {k: getattr(teacher, k).detach().float().cpu() for k in ("prompt_embeds", "negative_prompt_embeds")}
+        if teacher.prompt_attention_mask is not None:
+            tensors["prompt_attention_mask"] = teacher.prompt_attention_mask.cpu()
+            tensors["negative_prompt_attention_mask"] = teacher.negative_prompt_attention_mask.cpu()
+        save_prompt_embeds(out / "prompt_embeds.safetensors", tensors)
+        shutil.copyfile(resolve_path(cfg.teacher.prompt_file), out / "prompts.txt")
     (out / "run_config.yaml").write_text(to_yaml(cfg))
     (out / CARD_NAME).write_text(model_card_text(unet_dir, card, subfolder="unet"))
     print(export_sizes(unet_dir))

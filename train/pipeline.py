@@ -6,6 +6,10 @@ embeddings; or nothing), in pixel space or in the latent space of an optional ``
 sampling loop (``scale_model_input``, ``step`` with the scheduler's own extra arguments, ``init_noise_sigma``), so
 any scheduler works: DDIM, DDPM, PNDM, DPM-Solver(++), UniPC, Euler, Heun...
 
+The denoiser is called through its family adapter (:func:`train.families.denoise`), so the same pipeline samples
+UNets, DiT (class labels), PixArt (text states + mask), CogVideoX and Wan (video latents, ``(B, F, C, H, W)`` /
+``(B, C, F, H, W)``). Video latents are returned as they are (no video decoder).
+
 Temporal quantizers read the sampler's timestep from each denoiser call (:func:`qat.attach_timestep_hook`), so a
 student trained on a 100-step DDIM grid samples with 20, 50 or 250 steps of any scheduler: sampler timesteps on the
 training grid use their row, the others interpolate between the two nearest rows.
@@ -21,6 +25,7 @@ Outputs in the layout of the ADM evaluator (Dhariwal & Nichol 2021, ``guided-dif
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from pathlib import Path
 
 import diffusers
@@ -31,7 +36,8 @@ from torch import Tensor, nn
 
 import qat
 from qat.timestep import temporal_quantizers
-from train.teacher import Teacher
+from train.families import denoise, model_dtype
+from train.teacher import Teacher, is_flow_scheduler
 
 __all__ = ["QATDiffusionPipeline", "SCHEDULER_ALIASES", "make_scheduler", "sample_seeds", "to_uint8_nhwc",
            "save_adm_npz", "load_adm_npz"]
@@ -61,8 +67,24 @@ def scheduler_class(name: str) -> type[SchedulerMixin]:
 
 
 def make_scheduler(name: str, base: SchedulerMixin) -> SchedulerMixin:
-    """A fresh scheduler of type ``name`` on the noise schedule (betas, prediction type) of ``base``."""
-    return scheduler_class(name).from_config(base.config)
+    """A fresh scheduler of type ``name`` on the noise schedule (betas, prediction type) of ``base``.
+
+    Raises:
+        ValueError: ``base`` is a flow-matching schedule and ``name`` a scheduler that cannot sample it.
+    """
+    cls = scheduler_class(name)
+    extra = {}
+    if cls.__name__.startswith("FlowMatch") and "flow_shift" in base.config:  # UniPC / DPM-Solver spell it flow_shift
+        extra["shift"] = base.config["flow_shift"]
+    sched = cls.from_config(base.config, **extra)
+    # from_config carries every key over (also to DDIM, which cannot step flow_prediction): ask the class itself
+    takes_flow = "use_flow_sigmas" in inspect.signature(cls.__init__).parameters
+    flow_capable = cls.__name__.startswith("FlowMatch") or (takes_flow and bool(sched.config.use_flow_sigmas))
+    if is_flow_scheduler(base) and not flow_capable:
+        raise ValueError(f"eval.scheduler: {name!r} cannot sample the flow-matching teacher "
+                         f"({type(base).__name__}); use FlowMatchEulerDiscreteScheduler, or UniPCMultistepScheduler / "
+                         "DPMSolverMultistepScheduler with the teacher's use_flow_sigmas config")
+    return sched
 
 
 def sample_seeds(indices: list[int], num_classes: int, seed: int, shape: tuple[int, ...],
@@ -91,8 +113,8 @@ class QATDiffusionPipeline(DiffusionPipeline):
     """Classifier-free-guided sampling of a diffusers denoiser with DiffQAT's conditioning.
 
     Args:
-        unet: the denoiser (teacher, fake-quantized student, or reloaded export); called as
-            ``unet(x, t, encoder_hidden_states=ctx)``.
+        unet: the denoiser (teacher, fake-quantized student, or reloaded export); called through its family
+            adapter (:func:`train.families.denoise`).
         scheduler: any diffusers scheduler.
         class_embedder: labels -> ``(B, 1, D)`` context (class conditioning), or None.
         vae: decoder of latent models (``VQModel`` / ``AutoencoderKL``), or None for pixel-space models.
@@ -113,12 +135,23 @@ class QATDiffusionPipeline(DiffusionPipeline):
         pipe = cls(unet=teacher.unet if unet is None else unet, scheduler=sched,
                    class_embedder=teacher.class_embedder, vae=teacher.vae)
         pipe.prompt_embeds, pipe.negative_prompt_embeds = teacher.prompt_embeds, teacher.negative_prompt_embeds
+        pipe.teacher_contexts, pipe.family = teacher.contexts, teacher.family
         return pipe
 
     prompt_embeds: Tensor | None = None
     negative_prompt_embeds: Tensor | None = None
+    #: conditions of a teacher (``Teacher.contexts``): used instead of the class embedder / prompt embeddings
+    teacher_contexts: Callable[[Tensor], tuple[Tensor | None, Tensor | None]] | None = None
+    #: the denoiser's family (:mod:`train.families`); None detects it from the model
+    family: str | None = None
 
     def _contexts(self, labels: Tensor, device: torch.device, dtype: torch.dtype) -> tuple[Tensor | None, ...]:
+        if self.teacher_contexts is not None:
+            if self.class_embedder is not None:  # the teacher's own embedder: keep it next to the sampled model
+                self.class_embedder.to(device)
+            # float states follow the model's dtype; DiT's integer labels stay integers
+            return tuple(None if c is None else c.to(device, dtype) if c.is_floating_point() else c.to(device)
+                         for c in self.teacher_contexts(labels.to(device)))
         if self.class_embedder is not None:
             null = self.class_embedder.null_labels(labels.shape[0], device=device)
             emb = self.class_embedder.to(device)
@@ -142,7 +175,7 @@ class QATDiffusionPipeline(DiffusionPipeline):
     def __call__(self, noise: Tensor, class_labels: Tensor | None = None, num_inference_steps: int = 20,
                  guidance_scale: float = 1.0, eta: float = 0.0, generator: list[torch.Generator] | None = None,
                  output_type: str = "pt", return_dict: bool = True) -> ImagePipelineOutput | tuple:
-        """Samples from initial noise ``x_T ~ N(0, I)`` of shape ``(B, C, H, W)`` (scaled by the scheduler).
+        """Samples from initial noise ``x_T ~ N(0, I)`` of shape ``(B, *sample_shape)`` (scaled by the scheduler).
 
         Args:
             noise: initial Gaussian noise (unit variance); :func:`sample_seeds` gives it per sample index.
@@ -152,36 +185,35 @@ class QATDiffusionPipeline(DiffusionPipeline):
                 branch.
             eta: DDIM eta (schedulers without eta ignore it).
             generator: one generator per sample for stochastic schedulers.
-            output_type: ``pt`` (float ``(B, C, H, W)`` in ``[-1, 1]``, unclamped), ``np`` (uint8 NHWC) or ``pil``.
+            output_type: ``pt`` (float ``(B, C, H, W)`` in ``[-1, 1]``, unclamped; video latents as sampled),
+                ``np`` (uint8 NHWC) or ``pil``.
 
         Returns:
             :class:`diffusers.ImagePipelineOutput` with ``images``.
         """
         unet = self.unet
-        param = next(unet.parameters())
-        device, dtype = param.device, param.dtype
+        device, dtype = next(unet.parameters()).device, model_dtype(unet)
         labels = torch.zeros(noise.shape[0], dtype=torch.long) if class_labels is None else class_labels
         cond, uncond = self._contexts(labels, device, dtype)
         guided = cond is not None and guidance_scale != 1.0
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        x = noise.to(device=device, dtype=torch.float32) * self.scheduler.init_noise_sigma
+        # flow-matching schedulers start at unit variance and do not rescale inputs
+        x = noise.to(device=device, dtype=torch.float32) * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        scale_input = getattr(self.scheduler, "scale_model_input", lambda sample, timestep: sample)
         extra = self._extra_step_kwargs(generator, eta)
         # Temporal quantizers take the timestep from every call; a teacher has none and gets no hook.
         hook = qat.attach_timestep_hook(unet) if temporal_quantizers(unet) else None
         try:
             for t in self.progress_bar(self.scheduler.timesteps):
-                x_in = self.scheduler.scale_model_input(x, t).to(dtype)
+                x_in = scale_input(x, t).to(dtype)
                 t_in = t.expand(x.shape[0] * (2 if guided else 1)).to(device)
                 if guided:
                     # uncond first, as CompVis LDM and train.trajectories.guided_eps
-                    out = unet(torch.cat([x_in, x_in]), t_in, encoder_hidden_states=torch.cat([uncond, cond]),
-                               return_dict=False)[0]
-                    out = out[:, : x.shape[1]].float()
-                    eps_u, eps_c = out.chunk(2)
+                    out = denoise(unet, torch.cat([x_in, x_in]), t_in, torch.cat([uncond, cond]), self.family)
+                    eps_u, eps_c = out.float().chunk(2)
                     eps = eps_u + guidance_scale * (eps_c - eps_u)
                 else:
-                    kwargs = {} if cond is None else {"encoder_hidden_states": cond}
-                    eps = unet(x_in, t_in, **kwargs, return_dict=False)[0][:, : x.shape[1]].float()
+                    eps = denoise(unet, x_in, t_in, cond, self.family).float()
                 x = self.scheduler.step(eps, t, x, **extra, return_dict=False)[0]
         finally:
             if hook is not None:

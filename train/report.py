@@ -114,6 +114,8 @@ def plot_sample_grids(path: Path, grids: dict[str, SampleSet], ncol: int = 10) -
     import matplotlib.pyplot as plt
 
     def tile(images: torch.Tensor) -> torch.Tensor:
+        if images.shape[1] not in (1, 3):  # undecoded latents (4 or 16 channels): show the first three as RGB
+            images = images[:, :3]
         n, c, h, w = images.shape
         rows = math.ceil(n / ncol)
         canvas = torch.ones(c, rows * (h + 1) + 1, ncol * (w + 1) + 1)

@@ -2,13 +2,25 @@
 
 Layout of a teacher directory (diffusers' ``from_pretrained(path, subfolder=...)`` convention)::
 
-    <path>/unet/config.json + diffusion_pytorch_model.safetensors       the denoiser (any diffusers model)
+    <path>/unet/config.json + diffusion_pytorch_model.safetensors       the denoiser (any supported diffusers model;
+                                                                        ``transformer/`` for the transformer families)
     <path>/scheduler/scheduler_config.json                              its noise schedule
     <path>/class_embedder/config.json + *.safetensors                   (class conditioning) labels -> context
+    <path>/text_encoder/ + tokenizer/                                   (prompts conditioning) transformers files
+    <path>/vae/                                                         (optional) latent decoder, evaluation only
+
+The denoiser's family (:mod:`train.families`: unet, dit, pixart, cogvideox, wan) comes from its class or
+``teacher.family``; it fixes the sample layout and how the condition reaches the model.
 
 Conditioning modes: ``class`` (labels through the ``ClassEmbedder`` into a one-token cross-attention context, the
-null class for CFG, as CompVis LDM-4), ``prompt_embeds`` (precomputed text embeddings, Stable Diffusion style) and
-``none``. Nothing is downloaded: missing files raise an error that says what to put where.
+null class for CFG, as CompVis LDM-4; DiT embeds the labels itself, null class = number of classes),
+``prompt_embeds`` (precomputed text embeddings, Stable Diffusion style), ``prompts`` (a prompt file encoded once at
+load by the local text encoder, :mod:`train.text`) and ``none``. Nothing is downloaded: missing files raise an error
+that says what to put where.
+
+Trajectory sampler (:meth:`Teacher.ddim`): DDIM on the teacher's noise schedule (CogVideoX's own DDIM class, so that
+its SNR shift is kept), or, for flow-matching teachers (Wan), the flow counterpart of DDIM on the teacher's shifted
+sigma schedule (:func:`train.trajectories.flow_step`).
 """
 
 from __future__ import annotations
@@ -18,30 +30,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, SchedulerMixin
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, SchedulerMixin
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from train.config import ConfigError, TeacherConfig, resolve_path
+from train.convert_compvis_unet import apply_attention_heads
+from train.families import Family, denoise, family_for_class, get_family, model_dtype, set_family
 from train.models import ClassEmbedder
 
-__all__ = ["Teacher", "load_teacher", "denoise"]
+__all__ = ["Teacher", "load_teacher", "denoise", "is_flow_scheduler"]
 
 
-def denoise(model: nn.Module, x: Tensor, t: Tensor, context: Tensor | None) -> Tensor:
-    """Noise prediction ``eps(x_t, t, c)`` of a diffusers denoiser, shape of ``x``.
-
-    ``context`` is passed as ``encoder_hidden_states`` (cross-attention models); models predicting a learned
-    variance (``2C`` output channels, e.g. DiT) return their first ``C`` channels.
-    """
-    kwargs = {} if context is None else {"encoder_hidden_states": context}
-    out = model(x, t, **kwargs, return_dict=False)[0]
-    return out[:, : x.shape[1]] if out.shape[1] != x.shape[1] else out
+def is_flow_scheduler(scheduler: SchedulerMixin) -> bool:
+    """Whether ``scheduler`` describes a flow-matching model (``x_t = (1 - s) x_0 + s eps``, velocity output)."""
+    cfg = scheduler.config
+    return (type(scheduler).__name__.startswith("FlowMatch") or cfg.get("prediction_type") == "flow_prediction"
+            or bool(cfg.get("use_flow_sigmas", False)))
 
 
 @dataclass
 class Teacher:
-    """A loaded teacher. ``unet`` is frozen, in eval mode; ``contexts`` gives cross-attention contexts."""
+    """A loaded teacher. ``unet`` is frozen, in eval mode; ``contexts`` gives the denoiser's conditions."""
 
     unet: nn.Module
     scheduler: SchedulerMixin
@@ -50,22 +60,36 @@ class Teacher:
     prompt_embeds: Tensor | None = None  # (N, L, D)
     negative_prompt_embeds: Tensor | None = None  # (1, L, D)
     vae: nn.Module | None = None  # latent decoder of latent models (evaluation images only)
+    family: str = "unet"  # train.families name
+    prompt_attention_mask: Tensor | None = None  # (N, L), families whose denoiser takes the mask (PixArt)
+    negative_prompt_attention_mask: Tensor | None = None  # (1, L)
+    shape_override: tuple[int, ...] | None = None  # teacher.sample_shape
 
     @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        """``(C, H, W)`` of the denoiser's input."""
-        cfg = self.unet.config
-        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-        return int(cfg.in_channels), int(size), int(size)
+    def adapter(self) -> Family:
+        """The family adapter of the denoiser (:mod:`train.families`)."""
+        return get_family(self.family)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one denoiser input: ``(C, H, W)``, or with frames for video families."""
+        return self.shape_override if self.shape_override is not None else self.adapter.sample_shape(self.unet.config)
 
     @property
     def num_classes(self) -> int:
         """Number of conditions to draw from (classes or prompts); 1 without conditioning."""
         if self.class_embedder is not None:
             return int(self.class_embedder.null_label)
+        if self.conditioning == "class" and self.adapter.class_labels:
+            return self.adapter.num_classes(self.unet)
         if self.prompt_embeds is not None:
             return int(self.prompt_embeds.shape[0])
         return 1
+
+    @property
+    def is_flow(self) -> bool:
+        """Whether the teacher is a flow-matching model (velocity prediction, Euler sampling)."""
+        return is_flow_scheduler(self.scheduler)
 
     def to(self, device: torch.device | str) -> Teacher:
         self.unet.to(device)
@@ -73,28 +97,62 @@ class Teacher:
             self.vae.to(device)
         if self.class_embedder is not None:
             self.class_embedder.to(device)
-        if self.prompt_embeds is not None:
-            self.prompt_embeds = self.prompt_embeds.to(device)
-            self.negative_prompt_embeds = self.negative_prompt_embeds.to(device)
+        for name in ("prompt_embeds", "negative_prompt_embeds", "prompt_attention_mask",
+                     "negative_prompt_attention_mask"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device))
         return self
+
+    def as_images(self, x: Tensor) -> Tensor:
+        """Samples ``(B, *sample_shape)`` as images ``(B, C, H, W')`` (video frames side by side)."""
+        return self.adapter.as_images(x)
 
     @torch.no_grad()
     def contexts(self, labels: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """``(cond, uncond)`` cross-attention contexts ``(B, L, D)`` for condition indices ``labels (B,)``."""
+        """``(cond, uncond)`` conditions for condition indices ``labels (B,)``.
+
+        Cross-attention states ``(B, L, D)`` (PixArt with a mask: ``(B, L, D + 1)``, see :mod:`train.families`),
+        or, for DiT, the labels ``(B,)`` and the null labels.
+        """
+        if self.conditioning == "class" and self.class_embedder is None:  # the model embeds labels itself (DiT)
+            return labels, torch.full_like(labels, self.num_classes)
         if self.conditioning == "class":
             null = self.class_embedder.null_labels(labels.shape[0], device=labels.device)
-            dtype = next(self.unet.parameters()).dtype
+            dtype = model_dtype(self.unet)
             return self.class_embedder(labels).to(dtype), self.class_embedder(null).to(dtype)
-        if self.conditioning == "prompt_embeds":
-            cond = self.prompt_embeds[labels.to(self.prompt_embeds.device)]
-            return cond, self.negative_prompt_embeds.expand_as(cond)
+        if self.prompt_embeds is not None:
+            idx = labels.to(self.prompt_embeds.device)
+            cond, uncond = self.prompt_embeds[idx], self.negative_prompt_embeds.expand(len(idx), -1, -1)
+            text = self.adapter.text
+            if self.prompt_attention_mask is not None and text is not None and text.model_mask:
+                mask = self.prompt_attention_mask[idx].to(cond.dtype)[..., None]
+                neg = self.negative_prompt_attention_mask.to(cond.dtype)[..., None].expand(len(idx), -1, -1)
+                cond, uncond = torch.cat([cond, mask], -1), torch.cat([uncond, neg], -1)
+            return cond, uncond
         return None, None
 
-    def ddim(self, num_steps: int) -> DDIMScheduler:
-        """A DDIM scheduler on the teacher's noise schedule with ``num_steps`` timesteps set."""
-        sched = DDIMScheduler.from_config(self.scheduler.config)
+    def ddim(self, num_steps: int) -> SchedulerMixin:
+        """The trajectory sampler with ``num_steps`` timesteps set (DDIM, or Euler for flow-matching teachers)."""
+        if self.is_flow:
+            sched = _flow_euler(self.scheduler)
+        elif type(self.scheduler).__name__ == "CogVideoXDDIMScheduler":  # keeps its SNR shift (not a DDIM option)
+            sched = type(self.scheduler).from_config(self.scheduler.config)
+        else:
+            sched = DDIMScheduler.from_config(self.scheduler.config)
         sched.set_timesteps(num_steps)
         return sched
+
+
+def _flow_euler(scheduler: SchedulerMixin) -> FlowMatchEulerDiscreteScheduler:
+    """A flow-matching Euler scheduler with the teacher's training steps and sigma shift."""
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        if scheduler.config.get("use_dynamic_shifting", False):
+            raise ValueError("teacher scheduler: resolution-dependent shifting (use_dynamic_shifting) is not "
+                             "supported for trajectories; save the scheduler with a fixed shift")
+        return FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
+    cfg = scheduler.config  # e.g. Wan's UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0)
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)),
+                                           shift=float(cfg.get("flow_shift", cfg.get("shift", 1.0)) or 1.0))
 
 
 def _require(path: Path, what: str, fix: str) -> None:
@@ -102,11 +160,34 @@ def _require(path: Path, what: str, fix: str) -> None:
         raise FileNotFoundError(f"{what} not found: {path} does not exist. {fix}")
 
 
+def _scheduler(root: Path, subfolder: str) -> SchedulerMixin:
+    """The teacher's own scheduler class (DDIM when the config names no diffusers scheduler)."""
+    import diffusers
+
+    name = json.loads((root / subfolder / "scheduler_config.json").read_text()).get("_class_name", "")
+    cls = getattr(diffusers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        cls = DDIMScheduler
+    return cls.from_pretrained(str(root), subfolder=subfolder)
+
+
+def _resolve_family(cfg: TeacherConfig, model_cls: type, where: Path) -> Family:
+    if cfg.family is not None:
+        return get_family(cfg.family)
+    fam = family_for_class(model_cls)
+    if fam is None:
+        raise ConfigError(f"teacher.family: {model_cls.__name__} in {where} is not a known denoiser family; set "
+                          "teacher.family to one of ['unet', 'dit', 'pixart', 'cogvideox', 'wan'] if its forward "
+                          "matches that family's")
+    return fam
+
+
 def load_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu") -> Teacher:
     """Loads the teacher described by ``cfg`` from local files only.
 
     Raises:
         FileNotFoundError: a directory or weight file is missing; the message says what to put where.
+        ConfigError: the conditioning does not fit the denoiser's family, or the family is unknown.
     """
     import diffusers
 
@@ -126,37 +207,92 @@ def load_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu") -> Teac
     model_cls = getattr(diffusers, class_name, None)
     if model_cls is None:
         raise ConfigError(f"teacher.unet_subfolder: unknown diffusers model class {class_name!r} in {unet_dir}")
+    family = _resolve_family(cfg, model_cls, unet_dir)
+    _check_conditioning(cfg, family)
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     unet = model_cls.from_pretrained(str(root), subfolder=cfg.unet_subfolder, torch_dtype=dtype)
+    apply_attention_heads(unet)  # per-level head counts of converted CompVis UNets (no-op otherwise)
     unet.requires_grad_(False).eval()
-    scheduler = DDIMScheduler.from_pretrained(str(root), subfolder=cfg.scheduler_subfolder)
+    set_family(unet, family.name)  # students are deep copies: they inherit it
+    scheduler = _scheduler(root, cfg.scheduler_subfolder)
 
-    teacher = Teacher(unet=unet, scheduler=scheduler, conditioning=cfg.conditioning)
+    teacher = Teacher(unet=unet, scheduler=scheduler, conditioning=cfg.conditioning, family=family.name,
+                      shape_override=tuple(cfg.sample_shape) if cfg.sample_shape is not None else None)
+    shape = teacher.sample_shape  # Wan without teacher.sample_shape raises here, before the text encoder runs
+    if len(shape) != len(family.layout.split(",")):
+        raise ConfigError(f"teacher.sample_shape: {list(shape)} does not fit family {family.name!r}, whose samples "
+                          f"are {family.layout}")
     if cfg.vae_subfolder:
-        vae_dir = root / cfg.vae_subfolder
-        _require(vae_dir / "config.json", "latent decoder (teacher.vae_subfolder)",
-                 f"save the VQModel / AutoencoderKL of the latent model with save_pretrained into {vae_dir}, or "
-                 "unset teacher.vae_subfolder")
-        vae_cls = getattr(diffusers, json.loads((vae_dir / "config.json").read_text()).get("_class_name", ""), None)
-        if vae_cls is None:
-            raise ConfigError(f"teacher.vae_subfolder: unknown diffusers model class in {vae_dir}/config.json")
-        teacher.vae = vae_cls.from_pretrained(str(root), subfolder=cfg.vae_subfolder).requires_grad_(False).eval()
-    if cfg.conditioning == "class":
+        teacher.vae = _load_vae(root, cfg.vae_subfolder, family)
+    if cfg.conditioning == "class" and not family.class_labels:
         emb_dir = root / cfg.class_embedder_subfolder
         _require(emb_dir / "config.json", "class embedder (teacher.class_embedder_subfolder)",
                  f"class conditioning needs a ClassEmbedder saved with save_pretrained in {emb_dir}, or set "
-                 "teacher.conditioning to 'prompt_embeds' / 'none'")
+                 "teacher.conditioning to 'prompt_embeds' / 'prompts' / 'none'")
         teacher.class_embedder = ClassEmbedder.from_pretrained(str(root), subfolder=cfg.class_embedder_subfolder)
         teacher.class_embedder.requires_grad_(False).eval()
     elif cfg.conditioning == "prompt_embeds":
-        path = resolve_path(cfg.prompt_embeds_path)
-        _require(path, "prompt embeddings (teacher.prompt_embeds_path)",
-                 "Save a safetensors file with 'prompt_embeds' (N, L, D) and 'negative_prompt_embeds' (1, L, D).")
-        tensors = load_file(str(path))
-        missing = {"prompt_embeds", "negative_prompt_embeds"} - set(tensors)
-        if missing:
-            raise ValueError(f"{path}: missing tensors {sorted(missing)}; expected 'prompt_embeds' (N, L, D) and "
-                             "'negative_prompt_embeds' (1, L, D)")
-        teacher.prompt_embeds = tensors["prompt_embeds"].to(dtype)
-        teacher.negative_prompt_embeds = tensors["negative_prompt_embeds"].to(dtype)
+        _set_prompts(teacher, _read_prompt_embeds(resolve_path(cfg.prompt_embeds_path)), dtype)
+    elif cfg.conditioning == "prompts":
+        from train.text import load_or_encode_prompts
+
+        cache = resolve_path(cfg.prompt_embeds_cache) if cfg.prompt_embeds_cache else None
+        tensors = load_or_encode_prompts(root, cfg.text_encoder_subfolder, cfg.tokenizer_subfolder, family,
+                                         unet.config, resolve_path(cfg.prompt_file), cfg.negative_prompt,
+                                         cfg.max_sequence_length, cache, dtype, device)
+        _set_prompts(teacher, tensors, dtype)
     return teacher.to(device)
+
+
+def _check_conditioning(cfg: TeacherConfig, family: Family) -> None:
+    """Refuses conditioning modes the denoiser cannot take (e.g. prompts for DiT, classes for PixArt)."""
+    text = cfg.conditioning in ("prompt_embeds", "prompts")
+    if family.class_labels and cfg.conditioning != "class":
+        raise ConfigError(f"teacher.conditioning: family {family.name!r} is class-conditional (labels go into the "
+                          f"model); set teacher.conditioning=class, not {cfg.conditioning!r}")
+    if family.name != "unet" and not family.class_labels and not text:
+        raise ConfigError(f"teacher.conditioning: family {family.name!r} is text-conditioned; set "
+                          f"teacher.conditioning to 'prompts' (prompt file + local text encoder) or 'prompt_embeds', "
+                          f"not {cfg.conditioning!r}")
+
+
+def _load_vae(root: Path, subfolder: str, family: Family) -> nn.Module:
+    import diffusers
+
+    if family.layout != "(C, H, W)":
+        raise ConfigError(f"teacher.vae_subfolder: decoding {family.name} video latents is not supported; unset it "
+                          "(evaluation then compares latents)")
+    vae_dir = root / subfolder
+    _require(vae_dir / "config.json", "latent decoder (teacher.vae_subfolder)",
+             f"save the VQModel / AutoencoderKL of the latent model with save_pretrained into {vae_dir}, or "
+             "unset teacher.vae_subfolder")
+    vae_cls = getattr(diffusers, json.loads((vae_dir / "config.json").read_text()).get("_class_name", ""), None)
+    if vae_cls is None:
+        raise ConfigError(f"teacher.vae_subfolder: unknown diffusers model class in {vae_dir}/config.json")
+    return vae_cls.from_pretrained(str(root), subfolder=subfolder).requires_grad_(False).eval()
+
+
+def _read_prompt_embeds(path: Path) -> dict[str, Tensor]:
+    _require(path, "prompt embeddings (teacher.prompt_embeds_path)",
+             "Save a safetensors file with 'prompt_embeds' (N, L, D) and 'negative_prompt_embeds' (1, L, D).")
+    tensors = load_file(str(path))
+    missing = {"prompt_embeds", "negative_prompt_embeds"} - set(tensors)
+    if missing:
+        raise ValueError(f"{path}: missing tensors {sorted(missing)}; expected 'prompt_embeds' (N, L, D) and "
+                         "'negative_prompt_embeds' (1, L, D)")
+    emb, neg = tensors["prompt_embeds"], tensors["negative_prompt_embeds"]
+    if emb.dim() != 3 or neg.dim() != 3 or neg.shape[0] != 1 or neg.shape[1:] != emb.shape[1:]:
+        raise ValueError(f"{path}: prompt_embeds {tuple(emb.shape)} and negative_prompt_embeds {tuple(neg.shape)} "
+                         "must be (N, L, D) and (1, L, D) with the same L and D")
+    if ("prompt_attention_mask" in tensors) != ("negative_prompt_attention_mask" in tensors):
+        raise ValueError(f"{path}: give both 'prompt_attention_mask' (N, L) and 'negative_prompt_attention_mask' "
+                         "(1, L), or neither")
+    return tensors
+
+
+def _set_prompts(teacher: Teacher, tensors: dict[str, Tensor], dtype: torch.dtype) -> None:
+    teacher.prompt_embeds = tensors["prompt_embeds"].to(dtype)
+    teacher.negative_prompt_embeds = tensors["negative_prompt_embeds"].to(dtype)
+    if "prompt_attention_mask" in tensors:
+        teacher.prompt_attention_mask = tensors["prompt_attention_mask"].long()
+        teacher.negative_prompt_attention_mask = tensors["negative_prompt_attention_mask"].long()

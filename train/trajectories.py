@@ -13,6 +13,9 @@ so the student never sees its own drift (as in the paper).
 
 Seeds: trajectory ``i`` (a global index) draws its labels and noise from ``torch.Generator().manual_seed(seed + i)``,
 so the data do not depend on the number of processes, and ranks never share a trajectory.
+
+Samples may be images ``(C, H, W)`` or videos (``(F, C, H, W)`` CogVideoX, ``(C, F, H, W)`` Wan); the sampler is
+DDIM, or for flow-matching teachers its flow counterpart (:func:`flow_step`), with float timesteps ``1000 sigma``.
 """
 
 from __future__ import annotations
@@ -25,11 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import qat
+from train.families import model_dtype
 from train.teacher import Teacher, denoise
 
 __all__ = ["TrajectoryBatch", "guided_eps", "OnlineTrajectories", "generate_cache", "CachedTrajectories",
@@ -38,7 +43,7 @@ __all__ = ["TrajectoryBatch", "guided_eps", "OnlineTrajectories", "generate_cach
 
 @dataclass
 class TrajectoryBatch:
-    """One training batch: inputs ``x (B, C, H, W)``, timesteps ``t (B,)``, contexts ``(B, L, D)`` and targets."""
+    """One training batch: inputs ``x (B, *sample_shape)``, timesteps ``t (B,)``, contexts and targets like ``x``."""
 
     x: Tensor
     t: Tensor
@@ -59,24 +64,27 @@ def guided_eps(model: nn.Module, x: Tensor, t: Tensor, cond: Tensor | None, unco
                guidance: float) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(eps_u + w (eps_c - eps_u), eps_c, eps_u)`` from one batched call (uncond first, as CompVis LDM).
 
-    ``t`` is ``(B,)``; temporal quantizers of ``model`` are set from it for the duration of the call. Inputs are
-    cast to the model's parameter dtype (a bf16 teacher next to an fp32 student).
+    ``t`` is ``(B,)``; temporal quantizers of ``model`` are set from it for the duration of the call. Inputs and
+    floating-point contexts are cast to the model's parameter dtype (a bf16 teacher next to an fp32 student); label
+    contexts (DiT) stay integers.
     """
-    dtype = next(model.parameters()).dtype
+    dtype = model_dtype(model)
     x = x.to(dtype)
     if cond is None:
         with qat.timestep(model, t):
             eps = denoise(model, x, t, None)
         return eps, eps, None
     tt = torch.cat([t, t])
+    context = torch.cat([uncond, cond])
     with qat.timestep(model, tt):
-        out = denoise(model, torch.cat([x, x]), tt, torch.cat([uncond, cond]).to(dtype))
+        out = denoise(model, torch.cat([x, x]), tt, context.to(dtype) if context.is_floating_point() else context)
     eps_u, eps_c = out.chunk(2)
     return eps_u + guidance * (eps_c - eps_u), eps_c, eps_u
 
 
 def trajectory_start(teacher: Teacher, index: int, seed: int, batch: int = 1) -> tuple[Tensor, Tensor, Tensor]:
-    """Labels ``(batch,)``, initial noise ``(batch, C, H, W)`` and the generator state for trajectory ``index``."""
+    """Labels ``(batch,)``, initial noise ``(batch, *sample_shape)`` and the generator state for trajectory
+    ``index``."""
     gen = torch.Generator().manual_seed(seed + index)
     labels = torch.randint(0, teacher.num_classes, (batch,), generator=gen)
     noise = torch.randn((batch, *teacher.sample_shape), generator=gen)
@@ -124,13 +132,13 @@ class OnlineTrajectories:
         unet = self.teacher.unet
         x = self.x.to(device)
         t_val = self.scheduler.timesteps[self.step]
-        t = torch.full((x.shape[0],), int(t_val), device=device, dtype=torch.long)
+        t = _batch_t(t_val, x.shape[0], device)
         cond, uncond = self.teacher.contexts(self.labels.to(device))
         eps, eps_c, eps_u = guided_eps(unet, x, t, cond, uncond, self.guidance)
         batch = TrajectoryBatch(x.float(), t, self.labels.to(device), cond, uncond, eps_c.float(),
                                 None if eps_u is None else eps_u.float())
         noise, self.gen_states = _draw(self.gen_states, x.shape[1:])
-        self.x = _ddim_step(self.scheduler, eps.float(), int(t_val), x.float(), self.eta, noise.to(device))
+        self.x = _ddim_step(self.scheduler, eps.float(), t_val, x.float(), self.eta, noise.to(device))
         self.step += 1
         return batch
 
@@ -167,7 +175,7 @@ def _trajectories(teacher: Teacher, indices: list[int], num_steps: int, eta: flo
     cond, uncond = teacher.contexts(labels.to(device))
     out: dict[str, list[Tensor]] = {"x": [], "t": [], "labels": [], "eps_cond": [], "eps_uncond": []}
     for t_val in sched.timesteps:
-        t = torch.full((x.shape[0],), int(t_val), device=device, dtype=torch.long)
+        t = _batch_t(t_val, x.shape[0], device)
         eps, eps_c, eps_u = guided_eps(teacher.unet, x, t, cond, uncond, guidance)
         out["x"].append(x.float().cpu())
         out["t"].append(t.cpu())
@@ -177,7 +185,7 @@ def _trajectories(teacher: Teacher, indices: list[int], num_steps: int, eta: flo
             out["eps_uncond"].append(eps_u.float().cpu())
         # One generator per trajectory, so a trajectory is the same whatever shard or batch it is generated in.
         noise, gen_states = _draw(gen_states, x.shape[1:])
-        x = _ddim_step(sched, eps.float(), int(t_val), x.float(), eta, noise.to(device))
+        x = _ddim_step(sched, eps.float(), t_val, x.float(), eta, noise.to(device))
     return {k: torch.cat(v) for k, v in out.items() if v}
 
 
@@ -192,9 +200,46 @@ def _draw(states: list[Tensor], shape: torch.Size) -> tuple[Tensor, list[Tensor]
     return torch.cat(noise), new_states
 
 
-def _ddim_step(sched: Any, eps: Tensor, t: int, x: Tensor, eta: float, noise: Tensor) -> Tensor:
-    """DDIM update with externally drawn noise (diffusers' ``variance_noise`` argument)."""
-    return sched.step(eps, t, x, eta=eta, variance_noise=noise if eta > 0 else None).prev_sample
+def _batch_t(t_val: Tensor, batch: int, device: torch.device | str) -> Tensor:
+    """``(batch,)`` copies of sampler timestep ``t_val``: long for DDPM steps, float for flow-matching times."""
+    dtype = torch.long if not t_val.is_floating_point() else torch.float32
+    return torch.full((batch,), t_val.item(), device=device, dtype=dtype)
+
+
+def _ddim_step(sched: Any, eps: Tensor, t: Tensor, x: Tensor, eta: float, noise: Tensor) -> Tensor:
+    """One sampler update with externally drawn noise: DDIM (diffusers' ``variance_noise``) or :func:`flow_step`."""
+    if isinstance(sched, FlowMatchEulerDiscreteScheduler):
+        i = int((sched.timesteps == t).nonzero()[0, 0])
+        return flow_step(eps, x, float(sched.sigmas[i]), float(sched.sigmas[i + 1]), eta, noise)
+    return sched.step(eps, int(t), x, eta=eta, variance_noise=noise if eta > 0 else None).prev_sample
+
+
+def flow_step(v: Tensor, x: Tensor, sigma: float, sigma_next: float, eta: float, noise: Tensor) -> Tensor:
+    """DDIM with ``eta`` for a flow-matching model: ``x_t = (1 - s) x_0 + s eps``, velocity ``v = eps - x_0``.
+
+    With ``a = 1 - s``, ``b = s`` and ``r = sqrt(a^2 + b^2)``, ``x_t / r`` is a variance-preserving diffusion state
+    with ``abar = a^2 / r^2``, so DDIM's update (Song et al. 2021, Eq. 12) applies there:
+
+        x0 = x - s v,   eps = x + (1 - s) v
+        c^2 = eta^2 (1 - abar') / (1 - abar) (1 - abar / abar')
+        x' = r' (sqrt(abar') x0 + sqrt(1 - abar' - c^2) eps + c z)
+
+    For ``eta = 0`` this is exactly the Euler step ``x + (s' - s) v`` of the flow ODE; ``eta = 1`` is ancestral
+    sampling, as EfficientDM's stochastic DDIM trajectories (dossier Sec. 6).
+
+    Args:
+        v: model output ``(B, ...)``; x: current sample; sigma, sigma_next: noise levels of this and the next step.
+        eta: stochasticity in ``[0, 1]``; noise: standard normal ``z`` of ``x``'s shape.
+    """
+    x0, eps = x - sigma * v, x + (1.0 - sigma) * v
+    a, b, a_n, b_n = 1.0 - sigma, sigma, 1.0 - sigma_next, sigma_next
+    if eta == 0.0 or b_n == 0.0:
+        return a_n * x0 + b_n * eps
+    r2, r2_n = a * a + b * b, a_n * a_n + b_n * b_n
+    abar, abar_n = a * a / r2, a_n * a_n / r2_n
+    c2 = eta**2 * (1.0 - abar_n) / (1.0 - abar) * (1.0 - abar / abar_n)
+    c2 = min(c2, 1.0 - abar_n)  # rounding guard: the deterministic part keeps a non-negative weight
+    return r2_n**0.5 * (abar_n**0.5 * x0 + (1.0 - abar_n - c2) ** 0.5 * eps + c2**0.5 * noise)
 
 
 def generate_cache(teacher: Teacher, teacher_path: str, cache_dir: str | Path, num_steps: int, eta: float,
@@ -297,7 +342,7 @@ def sample(model: nn.Module, teacher: Teacher, labels: Tensor, noise: Tensor, nu
     """DDIM sampling of ``model`` (teacher or student) with the teacher's conditioning; deterministic for eta 0.
 
     Returns:
-        final samples ``(B, C, H, W)`` and, with ``record_eps``, the CFG eps of every step.
+        final samples ``(B, *sample_shape)`` and, with ``record_eps``, the CFG eps of every step.
     """
     device = noise.device
     sched = teacher.ddim(num_steps)
@@ -305,9 +350,10 @@ def sample(model: nn.Module, teacher: Teacher, labels: Tensor, noise: Tensor, nu
     x = noise
     record = []
     for t_val in sched.timesteps:
-        t = torch.full((x.shape[0],), int(t_val), device=device, dtype=torch.long)
+        t = _batch_t(t_val, x.shape[0], device)
         eps, _, _ = guided_eps(model, x, t, cond, uncond, guidance)
         if record_eps:
             record.append(eps.float())
-        x = sched.step(eps.float(), int(t_val), x, eta=eta).prev_sample
+        # eta 0 here (the default): deterministic, no noise needed; eta > 0 draws from the global generator
+        x = _ddim_step(sched, eps.float(), t_val, x, eta, torch.randn_like(x) if eta > 0 else torch.zeros_like(x))
     return x, record
