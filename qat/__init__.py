@@ -35,6 +35,7 @@ from qat.timestep import (
     set_timestep,
     set_timestep_grid,
     set_timestep_index,
+    temporal_quantizers,
     timestep,
     timestep_index,
 )
@@ -47,6 +48,6 @@ __all__ = [
     "calibrate", "initialize_weight_quantizers", "is_initialized",
     "param_groups", "scale_aware_gradient_hooks",
     "timestep", "timestep_index", "set_timestep", "set_timestep_index", "clear_timestep", "set_timestep_grid",
-    "attach_timestep_hook",
+    "attach_timestep_hook", "temporal_quantizers",
     "export_quantized", "load_quantized", "export_sizes",
 ]

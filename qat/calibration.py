@@ -43,6 +43,10 @@ def initialize_weight_quantizers(model: nn.Module, force: bool = False) -> int:
     return n
 
 
+#: columns above which the calibration subsample is drawn with replacement (see ``_Collector._pick``)
+PERMUTE_LIMIT = 2**24
+
+
 class _Collector:
     """Bounded per-row statistics of one quantizer's inputs: exact min/max and a random column subsample."""
 
@@ -60,19 +64,24 @@ class _Collector:
         self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
         self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
         if rows.shape[1] > self.max_samples:
-            idx = torch.randperm(rows.shape[1], generator=self.gen)[: self.max_samples].to(rows.device)
-            rows = rows[:, idx]
+            rows = rows[:, self._pick(rows.shape[1]).to(rows.device)]
         self.samples.append(rows)
         self.count += rows.shape[1]
         if self.count > 4 * self.max_samples:  # keep memory bounded
             self.samples = [self._subsample(torch.cat(self.samples, dim=1))]
             self.count = self.samples[0].shape[1]
 
+    def _pick(self, n: int) -> Tensor:
+        """``max_samples`` column indices out of ``n``: without replacement, or with it beyond ``PERMUTE_LIMIT``
+        columns (a video latent layer has ~1e8; a permutation of that many costs about a second per layer)."""
+        if n > PERMUTE_LIMIT:
+            return torch.randint(n, (self.max_samples,), generator=self.gen)
+        return torch.randperm(n, generator=self.gen)[: self.max_samples]
+
     def _subsample(self, rows: Tensor) -> Tensor:
         if rows.shape[1] <= self.max_samples:
             return rows
-        idx = torch.randperm(rows.shape[1], generator=self.gen)[: self.max_samples].to(rows.device)
-        return rows[:, idx]
+        return rows[:, self._pick(rows.shape[1]).to(rows.device)]
 
     def rows(self) -> Tensor:
         """``(R, N)`` sample with the exact extremes appended as two extra columns."""

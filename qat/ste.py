@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["round_ste", "grad_scale", "sign_ste"]
+__all__ = ["round_ste", "grad_scale", "sign_ste", "fake_quantize_ste", "fake_quantize_forward",
+           "fake_quantize_backward"]
 
 
 def round_ste(x: Tensor) -> Tensor:
@@ -45,3 +46,93 @@ def sign_ste(x: Tensor) -> Tensor:
     forward = torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
     clipped = x.clamp(-1.0, 1.0)
     return clipped + (forward - clipped).detach()
+
+
+class _FakeQuantizeSTE(torch.autograd.Function):
+    """One autograd node for ``Q(x; s, z)`` (and QALoRA's integer-domain update), see :func:`fake_quantize_ste`."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, step: Tensor, zero_point: Tensor, delta: Tensor | None,  # type: ignore[override]
+                q_min: int, q_max: int) -> Tensor:
+        ctx.save_for_backward(x, step, zero_point, delta)
+        ctx.q_min, ctx.q_max = q_min, q_max
+        out, *_ = _fq_parts(x, step, zero_point, delta, q_min, q_max)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, step, zero_point, delta = ctx.saved_tensors
+        grads = fake_quantize_backward(grad_out, x, step, zero_point, delta, ctx.q_min, ctx.q_max,
+                                       ctx.needs_input_grad[:4])
+        return (*grads, None, None)
+
+
+def fake_quantize_backward(grad_out: Tensor, x: Tensor, step: Tensor, zero_point: Tensor, delta: Tensor | None,
+                           q_min: int, q_max: int, needs: tuple[bool, ...] = (True, True, True, True),
+                           ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of :func:`fake_quantize_ste` w.r.t. ``(x, step, zero_point, delta)`` from ``dL/dQ``.
+
+    Recomputes the forward pieces from ``x`` (nothing but the input is kept between forward and backward). Also used
+    by the fused quantized layers (:mod:`qat.nn.fused`), which save ``x`` instead of ``Q(x)``.
+    """
+    _, q, zr, v, d, inside1, inside2 = _fq_parts(x, step, zero_point, delta, q_min, q_max)
+    g = grad_out.float()
+    pass_x = inside1 if inside2 is None else inside1 & inside2
+    grad_x = torch.where(pass_x, g, 0.0).to(x.dtype) if needs[0] else None
+    grad_step = grad_zero = grad_delta = None
+    if needs[1]:
+        # dQ/ds = (q - z) - d(q)/d(x/s) * x/s - d(q)/d(delta/s) * delta/s, in integer units
+        moved = torch.where(inside1, v, 0.0)
+        if inside2 is not None:
+            moved = torch.where(inside2, moved + d, 0.0)
+        grad_step = (g * ((q - zr) - moved)).sum_to_size(step.shape).to(step.dtype)
+    if needs[2]:
+        grad_zero = (g * step.float() * (pass_x.float() - 1.0)).sum_to_size(zero_point.shape).to(zero_point.dtype)
+    if delta is not None and needs[3]:
+        grad_delta = torch.where(inside2, g, 0.0).to(delta.dtype)
+    return grad_x, grad_step, grad_zero, grad_delta
+
+
+def _fq_parts(x: Tensor, step: Tensor, zero_point: Tensor, delta: Tensor | None, q_min: int,
+              q_max: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
+    """Forward pieces in float32: output, clipped codes, rounded zero, x/s, delta/s and the two in-range masks."""
+    s = step.float()
+    zr = torch.round(zero_point.float())
+    v = x.float() / s
+    q1 = torch.round(v) + zr
+    inside1 = (q1 >= q_min) & (q1 <= q_max)
+    q = q1.clamp(q_min, q_max)
+    d = inside2 = None
+    if delta is not None:
+        d = delta.float() / s
+        q2 = q + torch.round(d)
+        inside2 = (q2 >= q_min) & (q2 <= q_max)
+        q = q2.clamp(q_min, q_max)
+    return (q - zr) * s, q, zr, v, d, inside1, inside2
+
+
+def fake_quantize_forward(x: Tensor, step: Tensor, zero_point: Tensor, q_min: int, q_max: int) -> Tensor:
+    """Forward value of :func:`fake_quantize_ste` (no autograd node), in ``x.dtype``."""
+    return _fq_parts(x, step, zero_point, None, q_min, q_max)[0].to(x.dtype)
+
+
+def fake_quantize_ste(x: Tensor, step: Tensor, zero_point: Tensor, q_min: int, q_max: int,
+                      delta: Tensor | None = None) -> Tensor:
+    """Uniform fake quantization with LSQ / LSQ+ gradients as a single autograd node (the fast path).
+
+    forward (computed in float32, returned in ``x.dtype``), with ``z = round(zero_point)``::
+
+        q = clip(round(x / s) + z, q_min, q_max)                      (without delta)
+        q = clip(q + round(delta / s), q_min, q_max)                  (QALoRA: an update in the integer domain)
+        Q = s * (q - z)
+
+    backward: the same gradients as the composite STE form ``clip(round_ste(x / s) + round_ste(z))`` (tested
+    against it): ``dQ/dx = 1`` where no clip is active, ``dQ/ds = (q - z) - [x/s] - [delta/s]`` (bracketed terms
+    only where their clip is inactive; LSQ, Esser et al. Eq. 3), ``dQ/dz = -s`` where clipped (LSQ+),
+    ``dQ/d delta = 1`` where the outer clip is inactive. Only ``x`` (in its own dtype) and the small parameters are
+    saved; the masks are recomputed, so activation memory per layer is one copy of the input.
+
+    Args:
+        x: any shape; ``step`` / ``zero_point`` (and ``delta``, same shape as ``x``) broadcast against it.
+    """
+    return _FakeQuantizeSTE.apply(x, step, zero_point, delta, q_min, q_max)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from qat.quantizers.temporal_lsq import TemporalLSQQuantizer
+from qat.quantizers.temporal_lsq import TemporalLSQQuantizer, grid_position
 
 __all__ = [
     "temporal_quantizers",
@@ -39,11 +39,19 @@ def temporal_quantizers(model: nn.Module) -> list[TemporalLSQQuantizer]:
     return [m for m in model.modules() if isinstance(m, TemporalLSQQuantizer)]
 
 
-def set_timestep(model: nn.Module, t: float | Tensor) -> None:
-    """Sets sampler timestep value(s) ``t`` (scalar or ``(B,)``) on every temporal quantizer of ``model``."""
+def set_timestep(model: nn.Module, t: float | Tensor, quantizers: list[TemporalLSQQuantizer] | None = None) -> None:
+    """Sets sampler timestep value(s) ``t`` (scalar or ``(B,)``) on every temporal quantizer of ``model``.
+
+    ``quantizers``: ``temporal_quantizers(model)`` computed once by the caller; a training loop passes it to skip
+    the walk over thousands of modules on every call.
+    """
     t = torch.as_tensor(t)
-    for q in temporal_quantizers(model):
-        q.set_timestep(t)
+    positions: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
+    for q in temporal_quantizers(model) if quantizers is None else quantizers:
+        key = (q.grid_key, q.timesteps.device)  # the grid is located once per model call, not once per layer
+        if key not in positions:
+            positions[key] = grid_position(q.timesteps, t)
+        q.set_timestep(t, positions[key])
 
 
 def set_timestep_index(model: nn.Module, index: int | Tensor) -> None:
@@ -52,20 +60,23 @@ def set_timestep_index(model: nn.Module, index: int | Tensor) -> None:
         q.set_timestep_index(index)
 
 
-def clear_timestep(model: nn.Module) -> None:
+def clear_timestep(model: nn.Module, quantizers: list[TemporalLSQQuantizer] | None = None) -> None:
     """Unsets the timestep everywhere; a later forward without a timestep raises."""
-    for q in temporal_quantizers(model):
+    for q in temporal_quantizers(model) if quantizers is None else quantizers:
         q.clear_timestep()
 
 
 @contextmanager
-def timestep(model: nn.Module, t: float | Tensor) -> Iterator[None]:
-    """Context manager: :func:`set_timestep` on entry, :func:`clear_timestep` on exit."""
-    set_timestep(model, t)
+def timestep(model: nn.Module, t: float | Tensor,
+             quantizers: list[TemporalLSQQuantizer] | None = None) -> Iterator[None]:
+    """Context manager: :func:`set_timestep` on entry, :func:`clear_timestep` on exit (``quantizers``: see there)."""
+    if quantizers is None:
+        quantizers = temporal_quantizers(model)
+    set_timestep(model, t, quantizers)
     try:
         yield
     finally:
-        clear_timestep(model)
+        clear_timestep(model, quantizers)
 
 
 @contextmanager
@@ -95,10 +106,12 @@ def attach_timestep_hook(model: nn.Module, arg_index: int = 1, kwarg: str = "tim
         the hook handle; ``handle.remove()`` detaches it.
     """
 
+    quantizers = temporal_quantizers(model)  # the quantizer objects survive merges and device moves
+
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         t = kwargs[kwarg] if kwarg in kwargs else args[arg_index] if len(args) > arg_index else None
         if t is None:
             raise ValueError(f"{type(module).__name__} was called without a {kwarg!r} argument")
-        set_timestep(module, t)
+        set_timestep(module, t, quantizers)
 
     return model.register_forward_pre_hook(hook, with_kwargs=True)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qat.nn.fused import quant_input_conv2d, quant_input_linear
 from qat.quantizers import FakeQuantizer, QuantizerConfig, TemporalLSQConfig, build_quantizer
 
 __all__ = ["QuantLinear", "QuantConv2d", "QuantLayer", "build_weight_quantizer", "build_act_quantizer"]
@@ -68,6 +69,14 @@ class _QuantMixin:
             return q(self.weight)
         return q.forward_with_delta(self.weight, delta)
 
+    def _fused_input(self) -> bool:
+        """Whether the input quantizer runs inside the layer's own autograd node (:mod:`qat.nn.fused`).
+
+        Not while hooks watch the quantizer (calibration, telemetry): they must see it called.
+        """
+        a = self.act_quantizer
+        return a is not None and a.enabled and a.fused and not (a._forward_hooks or a._forward_pre_hooks)
+
     def quantize_input(self, x: Tensor) -> Tensor:
         """``Q_a(x)`` (identity when there is no activation quantizer)."""
         return x if self.act_quantizer is None else self.act_quantizer(x)
@@ -90,7 +99,11 @@ class QuantLinear(_QuantMixin, nn.Linear):
         self.act_quantizer = None
 
     def forward(self, x: Tensor, weight_delta: Tensor | None = None) -> Tensor:
-        return F.linear(self.quantize_input(x), self.quantized_weight(weight_delta), self.bias)
+        w = self.quantized_weight(weight_delta)
+        if self._fused_input():
+            _, step, zero = self.act_quantizer._params(x)
+            return quant_input_linear(x, step, zero, self.act_quantizer.q_min, self.act_quantizer.q_max, w, self.bias)
+        return F.linear(self.quantize_input(x), w, self.bias)
 
     @classmethod
     def from_float(cls, mod: nn.Linear, weight_config: QuantizerConfig | None,
@@ -126,7 +139,13 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         self.act_quantizer = None
 
     def forward(self, x: Tensor, weight_delta: Tensor | None = None) -> Tensor:
-        return self._conv_forward(self.quantize_input(x), self.quantized_weight(weight_delta), self.bias)
+        w = self.quantized_weight(weight_delta)
+        if self._fused_input() and self.padding_mode == "zeros" and not isinstance(self.padding, str):
+            a = self.act_quantizer
+            _, step, zero = a._params(x)
+            return quant_input_conv2d(x, step, zero, a.q_min, a.q_max, w, self.bias, self.stride, self.padding,
+                                      self.dilation, self.groups)
+        return self._conv_forward(self.quantize_input(x), w, self.bias)
 
     @staticmethod
     def _conv_kwargs(mod: nn.Conv2d) -> dict:

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from qat.ste import round_ste
+from qat.ste import fake_quantize_ste, round_ste
 
 __all__ = ["QuantizerConfig", "FakeQuantizer", "qrange", "fake_quantize", "search_range"]
 
@@ -162,6 +162,9 @@ class FakeQuantizer(nn.Module):
     """
 
     config: QuantizerConfig
+    #: forward through :func:`qat.ste.fake_quantize_ste` (one autograd node, input-only saved state); ``False``
+    #: selects the composite ``round_ste`` form, the reference the fused path is tested against.
+    fused: bool = True
 
     def __init__(
         self,
@@ -234,14 +237,19 @@ class FakeQuantizer(nn.Module):
             )
 
     # -- public API -----------------------------------------------------------------------------------------------
-    def _grid(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``x`` viewed for its parameters (``(C, G, n)`` for groups), with broadcast step and STE-rounded zero."""
+    def _params(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``x`` viewed for its parameters (``(C, G, n)`` for groups), with broadcast step and (unrounded) zero."""
         self._check_ready()
         step, zero = self._step_zero(x)
         if self.config.granularity == "group":
             c, g = self.param_shape
-            return x.reshape(c, g, -1), step[..., None], round_ste(zero)[..., None]
-        return x, self._broadcast(step, x), round_ste(self._broadcast(zero, x))
+            return x.reshape(c, g, -1), step[..., None], zero[..., None]
+        return x, self._broadcast(step, x), self._broadcast(zero, x)
+
+    def _grid(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Like :meth:`_params`, with the zero-point STE-rounded (the composite reference path)."""
+        xv, step, zero = self._params(x)
+        return xv, step, round_ste(zero)
 
     def _codes(self, x: Tensor, delta: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """``(codes, step, zero)`` in the parameter view of ``x``: ``clip(clip(round(x/s) + z) + round(delta/s))``."""
@@ -255,6 +263,9 @@ class FakeQuantizer(nn.Module):
         """Fake-quantizes ``x`` (any shape; the computation runs in float32 and returns ``x.dtype``)."""
         if not self.enabled:
             return x
+        if self.fused:
+            xv, step, zero = self._params(x)
+            return fake_quantize_ste(xv, step, zero, self.q_min, self.q_max).reshape(x.shape)
         q, step, zero = self._codes(x, None)
         return ((q - zero) * step).reshape(x.shape).to(x.dtype)
 
@@ -280,6 +291,10 @@ class FakeQuantizer(nn.Module):
         """
         if not self.enabled:
             return w + delta
+        if self.fused:
+            wv, step, zero = self._params(w)
+            out = fake_quantize_ste(wv, step, zero, self.q_min, self.q_max, delta.reshape(wv.shape))
+            return out.reshape(w.shape)
         q, step, zero = self._codes(w, delta)  # one parameter lookup for codes and dequantisation
         return ((q - zero) * step).reshape(w.shape).to(w.dtype)
 

@@ -17,7 +17,7 @@ Deviations from the reference code (ThisisBillhe/EfficientDM@293e212, ``Temporal
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -102,6 +102,7 @@ class TemporalLSQQuantizer(LSQQuantizer):
         else:
             self.register_buffer("zero_point", torch.zeros(shape))
         self.register_buffer("timesteps", torch.arange(config.num_timesteps, dtype=torch.float32))
+        self._grid_key = tuple(float(i) for i in range(config.num_timesteps))
         self._lo: int | Tensor | None = None
         self._hi: Tensor | None = None
         self._w: Tensor | None = None
@@ -121,14 +122,21 @@ class TemporalLSQQuantizer(LSQQuantizer):
             raise IndexError(f"timestep index {index} out of range [0, {t_count})")
         self._lo, self._hi, self._w = index, None, None
 
-    def set_timestep(self, t: float | Tensor) -> None:
-        """Selects rows by sampler timestep value(s) ``t`` (scalar or ``(B,)``), interpolating between rows."""
-        t = torch.as_tensor(t)
-        lo, hi, w = grid_position(self.timesteps, t)
-        if bool((w == 0).all()):
-            self.set_timestep_index(int(lo) if lo.dim() == 0 else lo)
-            return
-        self._lo, self._hi, self._w = lo, hi, w
+    def set_timestep(self, t: float | Tensor, position: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
+        """Selects rows by sampler timestep value(s) ``t`` (scalar or ``(B,)``), interpolating between rows.
+
+        Always the interpolating form ``(1 - w) table[lo] + w table[hi]``: on grid points ``w = 0`` makes it exactly
+        ``table[lo]``, and no value is read back to the host, so a GPU never waits here and a compiled model sees
+        the same graph for every timestep. ``position`` is a precomputed ``grid_position(self.timesteps, t)``
+        (:func:`qat.set_timestep` computes it once for all quantizers that share a grid).
+        """
+        self._lo, self._hi, self._w = position if position is not None else grid_position(self.timesteps,
+                                                                                           torch.as_tensor(t))
+
+    @property
+    def grid_key(self) -> tuple[float, ...]:
+        """The timestep grid as a Python tuple (kept in sync with the buffer; compared without touching a GPU)."""
+        return self._grid_key
 
     def clear_timestep(self) -> None:
         """Forgets the timestep; the next forward raises until one is set."""
@@ -141,6 +149,11 @@ class TemporalLSQQuantizer(LSQQuantizer):
         if timesteps.numel() != self.config.num_timesteps:
             raise ValueError(f"grid has {timesteps.numel()} timesteps, the table has {self.config.num_timesteps}")
         self.timesteps.copy_(timesteps.sort().values)
+        self._grid_key = tuple(self.timesteps.tolist())
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._grid_key = tuple(self.timesteps.tolist())  # once per load, not per forward
 
     # -- FakeQuantizer hooks --------------------------------------------------------------------------------------
     def _rows_for(self, table: Tensor, x: Tensor) -> Tensor:

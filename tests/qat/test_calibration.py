@@ -234,3 +234,22 @@ def test_subsampling_keeps_the_exact_extremes() -> None:
     lo = min(min(b.min().item() for b in batches), 0.0)
     assert model.fc1.act_quantizer.step.item() == pytest.approx((50.0 - lo) / 255, rel=1e-6)
     assert np.isclose(model.fc1.act_quantizer.zero_point.item(), round(-lo / ((50.0 - lo) / 255)))
+
+
+def test_collector_subsamples_huge_inputs_without_a_full_permutation(monkeypatch) -> None:
+    import qat.calibration as calib
+
+    monkeypatch.setattr(calib, "PERMUTE_LIMIT", 1000)  # stand in for a video layer's ~1e8 columns
+
+    def no_randperm(*args, **kwargs):
+        raise AssertionError("randperm over every column")
+
+    col = calib._Collector(64, torch.Generator().manual_seed(0))
+    rows = torch.arange(5000, dtype=torch.float32).repeat(2, 1)  # (2, 5000)
+    monkeypatch.setattr(calib.torch, "randperm", no_randperm)
+    col.add(rows)
+    out = col.rows()
+    assert out.shape == (2, 64 + 2)
+    assert torch.equal(out[0], out[1])  # the same columns for every row
+    assert out[:, -2:].tolist() == [[0.0, 4999.0], [0.0, 4999.0]]  # exact extremes kept
+    assert out[0, :64].unique().numel() > 50  # spread over the input, not one block

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qat.ste import grad_scale, round_ste, sign_ste
+from qat.ste import fake_quantize_ste, grad_scale, round_ste, sign_ste
 
 
 def _wide_values(n: int = 20000) -> torch.Tensor:
@@ -68,3 +68,64 @@ def test_sign_ste_gradient_is_clipped_identity() -> None:
     # Gradient 1 for |x| <= 1 (boundaries included), 0 outside.
     inside = torch.tensor([0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0])
     assert torch.equal(x.grad, upstream * inside)
+
+
+# -- fake_quantize_ste: the fused path must equal the composite round_ste form ----------------------------------------
+
+
+def _composite(x, step, zero, q_min, q_max, delta=None):
+    """Eq. (1) written with round_ste / clamp (autograd derives the gradients): the reference."""
+    z = round_ste(zero)
+    q = torch.clamp(round_ste(x.float() / step) + z, q_min, q_max)
+    if delta is not None:
+        q = torch.clamp(q + round_ste(delta.float() / step), q_min, q_max)
+    return ((q - z) * step).to(x.dtype)
+
+
+@pytest.mark.parametrize("step_shape", [(), (1, 3, 1, 1), (4, 1, 1, 1), (4, 3, 1, 1)])
+@pytest.mark.parametrize("bits", [(0, 15), (-128, 127), (-2, 1)])
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_fake_quantize_ste_matches_the_composite_reference(step_shape, bits, with_delta) -> None:
+    torch.manual_seed(1)
+    q_min, q_max = bits
+    x0 = torch.randn(4, 3, 5, 5) * 2
+    s0 = torch.rand(step_shape) * 0.3 + 0.05
+    z0 = torch.randn(step_shape) * 2 + (q_min + q_max) / 2  # non-integer, partly outside the range: clipping paths
+    d0 = torch.randn(4, 3, 5, 5) * 0.5 if with_delta else None
+    grads = []
+    for fn in (fake_quantize_ste, _composite):
+        x, s, z = (t.clone().requires_grad_(True) for t in (x0, s0, z0))
+        d = d0.clone().requires_grad_(True) if with_delta else None
+        out = fn(x, s, z, q_min, q_max, d)
+        upstream = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
+        (out * upstream).sum().backward()
+        grads.append((out.detach(), x.grad, s.grad, z.grad, None if d is None else d.grad))
+    fused, ref = grads
+    assert torch.equal(fused[0], ref[0])  # forward values are bit-identical
+    for a, b in zip(fused[1:], ref[1:], strict=True):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    if q_max - q_min < 100:  # the low-bit cases exercise both clipped and unclipped elements
+        assert (ref[1] == 0).any() and (ref[1] != 0).any()
+
+
+def test_fake_quantize_ste_keeps_the_input_dtype_and_saves_only_the_input() -> None:
+    x = torch.randn(8, 16, 12, 12, dtype=torch.bfloat16, requires_grad=True)
+    s = torch.tensor(0.1, requires_grad=True)
+    z = torch.tensor(3.0, requires_grad=True)
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fake_quantize_ste(x, s, z, 0, 15)
+    assert out.dtype == torch.bfloat16
+    assert sum(saved) <= x.numel() * x.element_size() + 64  # one bf16 copy of x, plus the scalars
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _composite(x, s, z, 0, 15)
+    assert sum(saved) > 2 * x.numel() * x.element_size()  # the composite form keeps float32 intermediates
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and s.grad is not None and z.grad is not None

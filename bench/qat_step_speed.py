@@ -1,0 +1,304 @@
+"""The QAT training step and trajectory generation next to the FP LoRA reference, on one GPU (issue 8).
+
+    python bench/qat_step_speed.py                        # LDM-4 layout (400.9M parameters), batch 32, bf16
+    python bench/qat_step_speed.py --tiny --device cpu    # checks the script itself on a CPU (tiny UNet)
+
+Every row is the median of ``--steps`` timed steps after ``--warmup`` untimed ones (a compiled variant compiles
+during its warm-up; its compile time is printed apart), with the peak memory allocated during the timed steps:
+
+* ``teacher forward``: the frozen teacher (bf16 weights), no grad, batch ``B``.
+* ``FP LoRA step``: the EfficientDM student with every quantizer off: each adapted layer computes
+  ``f(x, W + B A)`` (rank-32 adapters merged into the weight on every step), AdamW over the adapters.
+* ``W4A4 step, composite STE``: EfficientDM W4A4 (QALoRA + temporal LSQ activations, W8A8 first/last/time
+  layers) with the fake quantizers written as composite ``round_ste`` ops (``FakeQuantizer.fused = False``), the
+  reference path.
+* ``W4A4 step, fused STE``: the same model through :func:`qat.ste.fake_quantize_ste` (one autograd node per
+  quantizer that keeps only its input), this project's default.
+* ``... mixed timesteps``: every sample of the batch at its own timestep (per-sample temporal steps).
+* ``trajectory generation``: :func:`train.trajectories._trajectories` (DDIM, eta 1, CFG 1.5: ``B / 2``
+  trajectories, so every teacher call has batch ``B``), per teacher call, against the compiled teacher forward.
+
+All steps use bf16 autocast, a fused AdamW on CUDA and the same inputs; the FP and W4A4 steps share one student
+(flags switched between rows) and each row builds its own optimizer. Ratios at the end: QAT / FP LoRA throughput
+(issue 8 target >= 0.95) and peak memory (<= 1.15) with the same compile setting, mixed / single timestep cost
+(<= 1.03), generation / compiled forward throughput (>= 0.9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import qat  # noqa: E402
+from bench.make_random_ldm4 import ldm4_unet  # noqa: E402
+from qat.methods.efficientdm import EfficientDMConfig, build_student  # noqa: E402
+from qat.quantizers import FakeQuantizer  # noqa: E402
+
+
+def tiny_unet() -> torch.nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=512, attention_head_dim=1, norm_num_groups=8)
+
+
+class Timer:
+    """Per-step wall time: CUDA events on a GPU (no host synchronisation between steps), perf_counter on a CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def run(self, fn: Callable[[], None], steps: int) -> list[float]:
+        if not self.cuda:
+            times = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            return times
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return [start.elapsed_time(end) / 1e3 for start, end in events]
+
+
+def set_flags(student: torch.nn.Module, quantized: bool, fused: bool) -> None:
+    for m in student.modules():
+        if isinstance(m, FakeQuantizer):
+            m.enabled = quantized
+    FakeQuantizer.fused = fused
+
+
+def print_saved_bytes(student: torch.nn.Module, call: Callable, t: torch.Tensor, b: int, size: int,
+                      device: torch.device) -> None:
+    """Bytes saved for backward by one bf16-autocast forward of each variant (``saved_tensors_hooks``)."""
+    print(f"# saved-for-backward bytes, one forward, batch {b} of 3x{size}x{size}, bf16 autocast, {device.type}, "
+          f"torch {torch.__version__}, {datetime.date.today()}\n# {' '.join(sys.argv)}")
+    print("| variant | saved GiB | vs FP LoRA |\n|---|---|---|")
+    base = None
+    for name, quantized, fused in (("FP LoRA", False, True), ("W4A4, composite STE", True, False),
+                                   ("W4A4, fused STE", True, True)):
+        set_flags(student, quantized, fused)
+        seen: dict[int, int] = {}
+
+        def pack(x: torch.Tensor, seen: dict[int, int] = seen) -> torch.Tensor:
+            # a tensor saved by several nodes is stored once; parameters are not activation memory
+            if not isinstance(x, torch.nn.Parameter):
+                seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x), torch.autocast(device.type, torch.bfloat16):
+            out = call(student, t)
+        total = sum(seen.values()) / 2**30
+        base = total if base is None else base
+        print(f"| {name} | {total:.2f} | {total / base:.2f}x |", flush=True)
+        del out
+    set_flags(student, True, True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--tiny", action="store_true", help="tiny UNet (checks the script on a CPU)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--rows", default="teacher,fp,composite,fused,mixed,generation",
+                        help="comma-separated subset of the rows")
+    parser.add_argument("--modes", default="compiled,eager")
+    parser.add_argument("--gen-steps", type=int, default=10, help="DDIM steps timed for trajectory generation")
+    parser.add_argument("--budget-s", type=float, default=1e9, help="skip the remaining rows after this long")
+    parser.add_argument("--saved-bytes", action="store_true",
+                        help="only count the bytes each variant saves for backward in one eager forward (any device; "
+                             "the activation-memory part of the peak, without timing)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    rows, modes = args.rows.split(","), args.modes.split(",")
+    start = time.time()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(0)
+
+    with torch.device(device):
+        teacher = tiny_unet() if args.tiny else ldm4_unet()
+    teacher.requires_grad_(False).eval()
+    n_params = sum(p.numel() for p in teacher.parameters())
+    student, _ = build_student(teacher, EfficientDMConfig(act_init="minmax"))
+    student.to(device)
+    from diffusers import DDIMScheduler
+
+    ddim = DDIMScheduler(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195, beta_schedule="scaled_linear",
+                         steps_offset=1, clip_sample=False)
+    ddim.set_timesteps(100)
+    grid = ddim.timesteps.to(device)
+    qat.set_timestep_grid(student, grid)
+    b, size = args.batch, teacher.config.sample_size
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(b, 3, size, size, generator=gen).to(device)
+    ctx = torch.randn(b, 1, 512, generator=gen).to(device)
+    target = torch.randn(b, 3, size, size, generator=gen).to(device)
+    t_single = grid[50].repeat(b)
+    t_mixed = grid[torch.randint(0, 100, (b,), generator=gen).to(device)]
+    quantizers = qat.temporal_quantizers(student)
+
+    def student_call(model: torch.nn.Module, t: torch.Tensor) -> torch.Tensor:
+        with qat.timestep(student, t, quantizers):
+            return model(x, t, encoder_hidden_states=ctx, return_dict=False)[0]
+
+    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16):  # PTQ initialisation (min/max, one batch)
+        qat.calibrate(student, [t_mixed], lambda m, t: student_call(m, t))
+    teacher_bf16 = teacher.to(torch.bfloat16)
+
+    if args.saved_bytes:
+        print_saved_bytes(student, student_call, t_single, b, size, device)
+        return
+
+    print(f"# {torch.cuda.get_device_name(device) if cuda else 'CPU'}, torch {torch.__version__}, "
+          f"{datetime.date.today()}, UNet {n_params / 1e6:.1f}M parameters, batch {b} of 3x{size}x{size}, "
+          f"bf16 autocast\n# {' '.join(sys.argv)}", flush=True)
+    print("| row | mode | ms / step | samples/s | peak GiB | compile s |\n|---|---|---|---|---|---|", flush=True)
+    results: dict[tuple[str, str], tuple[float, float]] = {}
+    timer = Timer(device)
+
+    def measure(row: str, mode: str, make_fn: Callable[[], Callable[[], None]], reset: bool = True) -> None:
+        if time.time() - start > args.budget_s:
+            print(f"| {row} | {mode} | skipped (--budget-s) | | | |", flush=True)
+            return
+        if reset:  # each row compiles from scratch; ``reset=False`` reuses the previous row's graphs
+            torch._dynamo.reset()
+        fn = make_fn()
+        t0 = time.time()
+        timer.run(fn, args.warmup)
+        if cuda:
+            torch.cuda.synchronize()
+        warm_s = time.time() - t0
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        times = timer.run(fn, args.steps)
+        med = statistics.median(times)
+        mem = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
+        results[(row, mode)] = (med, mem)
+        compile_s = f"{warm_s:.0f}" if mode == "compiled" else "-"
+        print(f"| {row} | {mode} | {med * 1e3:.1f} | {b / med:.1f} | {mem:.1f} | {compile_s} |", flush=True)
+
+    def teacher_fn(mode: str) -> Callable[[], Callable[[], None]]:
+        def make() -> Callable[[], None]:
+            model = torch.compile(teacher_bf16) if mode == "compiled" else teacher_bf16
+
+            def fn() -> None:
+                with torch.no_grad():
+                    model(x.bfloat16(), t_single, encoder_hidden_states=ctx.bfloat16(), return_dict=False)
+            return fn
+        return make
+
+    compiled_students: dict[tuple[bool, bool], torch.nn.Module] = {}
+
+    def step_fn(mode: str, quantized: bool, fused: bool, t: torch.Tensor) -> Callable[[], Callable[[], None]]:
+        def make() -> Callable[[], None]:
+            set_flags(student, quantized, fused)
+            model = student
+            if mode == "compiled":
+                model = compiled_students.setdefault((quantized, fused), torch.compile(student))
+            params = [p for p in student.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=1e-6, fused=cuda)
+
+            def fn() -> None:
+                with torch.autocast(device.type, torch.bfloat16):
+                    out = student_call(model, t)
+                F.mse_loss(out.float(), target).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            return fn
+        return make
+
+    def measure_generation() -> None:
+        """Teacher DDIM + CFG trajectories (train.trajectories), per teacher call, with the teacher compiled."""
+        if time.time() - start > args.budget_s:
+            print("| trajectory generation | compiled | skipped (--budget-s) | | | |", flush=True)
+            return
+        from train.models import ClassEmbedder
+        from train.teacher import Teacher
+        from train.trajectories import _trajectories
+
+        torch._dynamo.reset()
+        teacher_bf16.compile()  # in place, as the trainer compiles: the module keeps its class
+        embedder = ClassEmbedder(num_classes=1000, embed_dim=512).to(device)
+        tch = Teacher(unet=teacher_bf16, scheduler=ddim, conditioning="class", class_embedder=embedder)
+        steps = args.gen_steps
+        _trajectories(tch, list(range(b // 2)), 2, 1.0, 1.5, 0, device)  # compile + warm-up
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        _trajectories(tch, list(range(b // 2)), steps, 1.0, 1.5, 0, device)
+        if cuda:
+            torch.cuda.synchronize()
+        per_call = (time.perf_counter() - t0) / steps
+        results[("trajectory generation", "compiled")] = (per_call, float("nan"))
+        print(f"| trajectory generation (per teacher call, batch {b}) | compiled | {per_call * 1e3:.1f} | "
+              f"{b / per_call:.1f} | - | - |", flush=True)
+
+
+    # Most important first (a --budget-s cut drops the tail): compiled FP vs fused QAT, mixed timesteps (same
+    # compiled graph: the per-sample step lookup is the same code for both), then eager rows, then the old path.
+    plan: list[tuple[str, str, str]] = []
+    for mode in modes:
+        plan += [("teacher", "teacher forward", mode), ("fp", "FP LoRA step", mode),
+                 ("fused", "W4A4 step, fused STE", mode)]
+        if mode == modes[0]:
+            plan.append(("mixed", "W4A4 step, fused STE, mixed timesteps", mode))
+    plan.append(("generation", "trajectory generation", "compiled"))  # after the eager teacher row: compiles in place
+    plan += [("composite", "W4A4 step, composite STE", mode) for mode in reversed(modes)]
+    for key, row, mode in plan:
+        if key not in rows:
+            continue
+        if key == "teacher":
+            measure(row, mode, teacher_fn(mode))
+        elif key == "generation":
+            measure_generation()
+        elif key == "mixed":
+            measure(row, mode, step_fn(mode, True, True, t_mixed), reset=False)
+        else:
+            quantized, fused = key != "fp", key != "composite"
+            compiled_students.clear()
+            measure(row, mode, step_fn(mode, quantized, fused, t_single))
+    set_flags(student, True, True)
+
+    print("\n| ratio | mode | value | issue 8 target |\n|---|---|---|---|")
+
+    def ratio(name: str, mode: str, num: tuple[str, str], den: tuple[str, str], idx: int, target: str) -> None:
+        if num in results and den in results:
+            print(f"| {name} | {mode} | {results[num][idx] / results[den][idx]:.3f} | {target} |")
+
+    for mode in modes:
+        fp, fused = ("FP LoRA step", mode), ("W4A4 step, fused STE", mode)
+        ratio("QAT / FP LoRA throughput", mode, fp, fused, 0, ">= 0.95")
+        ratio("QAT / FP LoRA peak memory", mode, fused, fp, 1, "<= 1.15")
+        ratio("composite-STE QAT / FP LoRA throughput", mode, fp, ("W4A4 step, composite STE", mode), 0, "(before)")
+        ratio("composite-STE QAT / FP LoRA peak memory", mode, ("W4A4 step, composite STE", mode), fp, 1, "(before)")
+        ratio("mixed / single timestep step time", mode, ("W4A4 step, fused STE, mixed timesteps", mode), fused, 0,
+              "<= 1.03")
+    ratio("generation / compiled forward throughput", "compiled", ("teacher forward", "compiled"),
+          ("trajectory generation", "compiled"), 0, ">= 0.9")
+    print(f"\n# total {time.time() - start:.0f} s; host {os.cpu_count()} CPUs")
+
+
+if __name__ == "__main__":
+    main()

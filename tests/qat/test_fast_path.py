@@ -1,0 +1,128 @@
+"""The fast paths (fused fake quantization, torch.compile) give the reference path's results.
+
+The reference is the composite ``round_ste`` form of every quantizer (``FakeQuantizer.fused = False``) run eagerly.
+Tolerances: the fused backward computes ``dQ/dx`` as a mask (the composite form as ``(g s) / s``), so gradients
+agree to float32 rounding (relative 1e-4); forward values are identical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from qat_testutils import ddim_timesteps, tiny_unet_cond
+
+import qat
+from qat.methods.efficientdm import EfficientDMConfig, build_student
+from qat.quantizers import FakeQuantizer
+
+
+@pytest.fixture
+def student() -> Iterator[tuple[torch.nn.Module, object, object, torch.Tensor]]:
+    torch.manual_seed(0)
+    model, forward, make_batch = tiny_unet_cond()
+    student, _ = build_student(model, EfficientDMConfig(num_timesteps=10, act_init="minmax", lora_rank=4))
+    grid = ddim_timesteps(10)
+    qat.set_timestep_grid(student, grid)
+
+    def fwd(m: torch.nn.Module, batch: tuple) -> torch.Tensor:
+        with qat.timestep(student, batch[1]):
+            return forward(m, batch)
+
+    qat.calibrate(student, [make_batch(grid[torch.randint(0, 10, (4,))]) for _ in range(2)], fwd)
+    for name, p in student.named_parameters():  # non-zero adapters, so the LoRA path is exercised too
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    yield student, fwd, make_batch, grid
+    FakeQuantizer.fused = True
+
+
+def _loss_and_grads(model: torch.nn.Module, student: torch.nn.Module, fwd, batch) -> tuple[torch.Tensor, dict]:
+    student.zero_grad(set_to_none=True)
+    out = fwd(model, batch)
+    out.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    return out.detach(), grads
+
+
+def _assert_same(a: tuple, b: tuple) -> None:
+    torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-6)
+    assert a[1].keys() == b[1].keys() and len(a[1]) > 0
+    for name in a[1]:
+        torch.testing.assert_close(a[1][name], b[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_student_equals_the_composite_reference(student) -> None:
+    model, fwd, make_batch, grid = student
+    batch = make_batch(grid[torch.tensor([0, 3, 3, 9])])  # mixed timesteps
+    FakeQuantizer.fused = False
+    ref = _loss_and_grads(model, model, fwd, batch)
+    FakeQuantizer.fused = True
+    fused = _loss_and_grads(model, model, fwd, batch)
+    assert torch.equal(fused[0], ref[0])
+    _assert_same(fused, ref)
+    # the step tables and the LoRA factors all receive gradients
+    assert any("act_quantizer.step" in n for n in fused[1]) and any("lora_A" in n for n in fused[1])
+
+
+def test_compiled_student_equals_eager_and_compiles_once_for_all_timesteps(student) -> None:
+    model, fwd, make_batch, grid = student
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(model, backend="aot_eager")  # dynamo + AOTAutograd: the graph inductor would get
+    for rows in ([0, 3, 3, 9], [5, 5, 5, 5], [9, 1, 0, 2]):  # mixed, single, mixed again
+        batch = make_batch(grid[torch.tensor(rows)])
+        _assert_same(_loss_and_grads(compiled, model, fwd, batch), _loss_and_grads(model, model, fwd, batch))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # no recompilation, no graph break
+    assert not torch._dynamo.utils.counters["graph_break"]
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("kind", ["conv", "linear", "temporal_linear"])
+def test_fused_quantized_layers_equal_the_composed_form_and_keep_only_the_input(kind: str, autocast: bool) -> None:
+    from qat.nn import QuantConv2d, QuantLinear
+    from qat.quantizers import LSQConfig, TemporalLSQConfig
+
+    torch.manual_seed(3)
+    act = (TemporalLSQConfig(n_bits=4, learn_offset=True, num_timesteps=3) if kind == "temporal_linear"
+           else LSQConfig(n_bits=4, learn_offset=True))
+    wcfg = LSQConfig(n_bits=4, granularity="channel")
+    if kind == "conv":
+        layer = QuantConv2d.from_float(torch.nn.Conv2d(6, 5, 3, stride=2, padding=1), wcfg, act)
+        x0 = torch.randn(4, 6, 9, 9)
+    else:
+        layer = QuantLinear.from_float(torch.nn.Linear(6, 5), wcfg, act)
+        x0 = torch.randn(4, 7, 6)
+    layer.weight_quantizer.initialize_(layer.weight)
+    layer.act_quantizer.initialize_(x0)
+    if kind == "temporal_linear":
+        layer.act_quantizer.set_timestep_index(torch.tensor([0, 2, 1, 2]))  # per-sample steps
+    runs = []
+    for fused in (False, True):
+        FakeQuantizer.fused = fused
+        layer.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_(True)
+        saved: list[int] = []
+
+        def pack(t: torch.Tensor, saved: list[int] = saved) -> torch.Tensor:
+            if not isinstance(t, torch.nn.Parameter):
+                saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = layer(x)
+        (y.float() * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+        runs.append((y.detach().float(), x.grad.float(), grads, sum(saved)))
+    FakeQuantizer.fused = True
+    (y_ref, gx_ref, g_ref, saved_ref), (y, gx, g, saved_fused) = runs
+    tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-4, "atol": 1e-5}  # bf16: 8 mantissa bits
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(gx, gx_ref, **tol)
+    assert g.keys() == g_ref.keys() and {"act_quantizer.step", "weight"} <= g.keys()
+    for name in g:
+        torch.testing.assert_close(g[name], g_ref[name], **tol, msg=name)
+    # the composed form keeps x (for the quantizer) and Q(x) (for the op); the fused node keeps x only
+    assert saved_fused < saved_ref - 0.9 * x0.numel() * (2 if autocast else 4)

@@ -1,0 +1,36 @@
+"""``performance.*`` settings train the same student as the reference settings (within a stated tolerance)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from qat.quantizers import FakeQuantizer
+from tests.train.conftest import fast_overrides
+from train.cli import main
+
+
+def _relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    # As in the 2-process test: Adam turns near-zero gradients into +-lr steps, so compare the whole trained state.
+    keys = [k for k in a if a[k].is_floating_point() and ("lora" in k or "quantizer" in k)]
+    diff = sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in keys) ** 0.5
+    return diff / sum(float(a[k].double().pow(2).sum()) for k in keys) ** 0.5
+
+
+def test_compiled_fused_training_equals_the_eager_composite_reference(tiny_teacher: Path, tmp_path: Path) -> None:
+    common = ["config=efficientdm_digits.yaml", "export=false"]
+    try:
+        ref = main([*common, *fast_overrides(tiny_teacher, tmp_path / "ref", steps=3),
+                    "performance.fused_fake_quant=false"])
+        fast = main([*common, *fast_overrides(tiny_teacher, tmp_path / "fast", steps=3),
+                     "performance.compile=true", "performance.compile_backend=aot_eager"])
+    finally:
+        FakeQuantizer.fused = True
+        torch._dynamo.reset()
+    a = load_file(str(ref / "student" / "student.safetensors"))
+    b = load_file(str(fast / "student" / "student.safetensors"))
+    assert a.keys() == b.keys()  # compiling in place keeps the state-dict keys
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)  # training happened
+    assert _relative_difference(a, b) < 1e-4
