@@ -11,19 +11,24 @@ teacher=${TEACHER:-/tmp/ldm4-random}
 steps=${STEPS:-40}
 [ -d "$teacher/unet" ] || python3 bench/make_random_ldm4.py --output "$teacher"
 results=${RESULTS:-/tmp/ldm4-scaling.tsv}
+logs=${LOGDIR:-/tmp}  # one <strategy>-<n>.log per run, with the trainer's setup-phase timings
+mkdir -p "$logs"
 : > "$results"
 for strategy in ${STRATEGIES:-ddp}; do
   for n in ${NPROCS:-1 2}; do
     out=/tmp/ldm4-scaling-$strategy-$n
+    log=$logs/ldm4-scaling-$strategy-$n.log
     rm -rf "$out"
-    launcher=(python3)
-    [ "$n" -gt 1 ] && launcher=(torchrun --nproc_per_node="$n" --master_port=$((29600 + n)))
+    start=$(date +%s)
+    launcher=(timeout "${RUN_TIMEOUT:-1800}" python3)
+    [ "$n" -gt 1 ] && launcher=(timeout "${RUN_TIMEOUT:-1800}" torchrun --nproc_per_node="$n" --master_port=$((29600 + n)))
     "${launcher[@]}" train.py config=efficientdm_ldm4.yaml teacher.path="$teacher" output_dir="$out" \
       trainer.strategy="$strategy" trainer.max_steps="$steps" trainer.enable_progress_bar=false \
       trainer.log_every_n_steps=1 eval.enabled=false export=false calibration.num_trajectories=2 \
-      calibration.num_steps=20 calibration.max_batches=4 monitor.sample_every_n_steps=0 \
-      monitor.telemetry_every_n_steps=0 monitor.checkpoint_every_n_steps=100000 > "$out.log" 2>&1 \
-      || { echo "$strategy $n FAILED (log: $out.log)"; tail -5 "$out.log"; continue; }
+      calibration.num_steps=4 calibration.max_batches=2 efficientdm.act_init=minmax monitor.sample_every_n_steps=0 \
+      monitor.telemetry_every_n_steps=0 monitor.checkpoint_every_n_steps=100000 > "$log" 2>&1 \
+      || { echo "$strategy $n FAILED (log: $log)"; tail -20 "$log"; continue; }
+    echo "$strategy $n: $(( $(date +%s) - start )) s wall; $(grep '^\[diffqat\]' "$log" | tr '\n' ';')"
     python3 - "$out" "$strategy" "$n" >> "$results" <<'PY'
 import statistics, sys
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -24,10 +24,14 @@ Megatron-LM, fp8, torch dynamo through accelerate, gradient accumulation.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from train.config import ConfigError, RunConfig
 
@@ -134,17 +138,50 @@ def apply_launcher(cfg: RunConfig, env: Mapping[str, str] = os.environ) -> list[
         set_("num_nodes", nodes, f"{launcher_name(env)}: nodes")
         if local * nodes > 1 and t.strategy == "auto":
             set_("strategy", "ddp", f"{local * nodes} processes")
+    else:
+        # No launcher: one process. Lightning's own launcher would re-run this script for the other GPUs, but the
+        # setup before ``fit`` (calibration, trajectory seeds per rank) must know its rank from the start.
+        if str(t.devices) not in ("auto", "1") or t.num_nodes != 1:
+            raise ConfigError(f"trainer.devices={t.devices!r}, trainer.num_nodes={t.num_nodes} without a launcher: "
+                              "start one process per GPU with `torchrun --nproc_per_node N train.py ...` or "
+                              "`accelerate launch --num_processes N train.py ...` (or srun under SLURM)")
+        if t.accelerator != "cpu" and str(t.devices) == "auto" and torch.cuda.device_count() > 1:
+            set_("devices", 1, "no launcher: one process on one GPU; use torchrun/accelerate for more")
     return notes
 
 
+def deepspeed_kwargs(strategy: str, micro_batch: int) -> dict[str, Any]:
+    """``DeepSpeedStrategy`` keyword arguments for ``deepspeed_stage_{1,2,3}[_offload]`` or ``deepspeed_config:<f>``.
+
+    Lightning reads DeepSpeed's ``train_micro_batch_size_per_gpu`` from the train loader's batch sampler; DiffQAT's
+    loader only counts steps (batches come from the trajectory source) and has none, so it is set here to
+    ``trajectories.batch_size`` (DeepSpeed uses it for its throughput log only).
+    """
+    if strategy.startswith("deepspeed_config:"):
+        path = strategy.split(":", 1)[1]
+        try:
+            config = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"trainer.strategy: cannot read the DeepSpeed config {path}: {err}") from None
+        config.setdefault("train_micro_batch_size_per_gpu", micro_batch)
+        return {"config": config}
+    match = re.fullmatch(r"deepspeed_stage_([123])(_offload)?", strategy)
+    if match is None:
+        raise ConfigError(f"trainer.strategy: unknown DeepSpeed strategy {strategy!r}; use deepspeed_stage_1, "
+                          "deepspeed_stage_2[_offload], deepspeed_stage_3[_offload] or deepspeed_config:<file.json>")
+    stage, offload = int(match.group(1)), match.group(2) is not None
+    return {"stage": stage, "offload_optimizer": offload, "offload_parameters": offload and stage == 3,
+            "logging_batch_size_per_gpu": micro_batch}
+
+
 def trainer_kwargs(cfg: RunConfig) -> dict[str, Any]:
-    """``lightning.Trainer`` keyword arguments from ``cfg.trainer`` (a DeepSpeed config file becomes a strategy)."""
+    """``lightning.Trainer`` keyword arguments from ``cfg.trainer`` (DeepSpeed strategies become strategy objects)."""
     import dataclasses
 
     kwargs = dataclasses.asdict(cfg.trainer)
     strategy = kwargs["strategy"]
-    if isinstance(strategy, str) and strategy.startswith("deepspeed_config:"):
+    if isinstance(strategy, str) and strategy.startswith("deepspeed"):
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
-        kwargs["strategy"] = DeepSpeedStrategy(config=strategy.split(":", 1)[1])
+        kwargs["strategy"] = DeepSpeedStrategy(**deepspeed_kwargs(strategy, cfg.trajectories.batch_size))
     return kwargs

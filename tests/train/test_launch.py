@@ -15,7 +15,7 @@ from tests.train.conftest import fast_overrides
 from tests.train.test_launchers import _bin, _run
 from train.cli import main
 from train.config import ConfigError, load_config
-from train.launch import apply_launcher, launcher_name, trainer_kwargs
+from train.launch import apply_launcher, deepspeed_kwargs, launcher_name, trainer_kwargs
 from train.system import DistillQATSystem
 
 
@@ -81,14 +81,57 @@ def test_explicit_devices_that_contradict_the_launcher_are_refused() -> None:
     assert cfg.trainer.devices == 2
 
 
-def test_trainer_kwargs_pass_strategy_strings_through() -> None:
-    cfg = _cfg()
-    apply_launcher(cfg, {**ACCEL, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"})
-    assert trainer_kwargs(cfg)["strategy"] == "deepspeed_stage_2"
-    assert L.Trainer.__init__.__code__.co_varnames  # every key is a Trainer argument:
+def test_without_a_launcher_one_process_uses_one_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Lightning would re-run the script on every visible GPU; the setup before fit would not know its rank.
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    cfg = _cfg("trainer.devices=auto")
+    notes = apply_launcher(cfg, {})
+    assert cfg.trainer.devices == 1 and any("no launcher" in n for n in notes)
+    with pytest.raises(ConfigError, match=r"trainer.devices=2.*without a launcher.*torchrun --nproc_per_node"):
+        apply_launcher(_cfg("trainer.devices=2"), {})
+    with pytest.raises(ConfigError, match=r"trainer.num_nodes=2 without a launcher"):
+        apply_launcher(_cfg("trainer.num_nodes=2"), {})
+
+
+def test_trainer_kwargs_are_trainer_arguments() -> None:
     import inspect
 
-    assert set(trainer_kwargs(cfg)) <= set(inspect.signature(L.Trainer.__init__).parameters)
+    cfg = _cfg()
+    apply_launcher(cfg, {**ACCEL, "ACCELERATE_MIXED_PRECISION": "bf16"})
+    kwargs = trainer_kwargs(cfg)
+    assert kwargs["precision"] == "bf16-mixed" and kwargs["strategy"] == "auto"
+    assert set(kwargs) <= set(inspect.signature(L.Trainer.__init__).parameters)
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("deepspeed_stage_1", {"stage": 1, "offload_optimizer": False, "offload_parameters": False}),
+    ("deepspeed_stage_2", {"stage": 2, "offload_optimizer": False, "offload_parameters": False}),
+    ("deepspeed_stage_2_offload", {"stage": 2, "offload_optimizer": True, "offload_parameters": False}),
+    ("deepspeed_stage_3_offload", {"stage": 3, "offload_optimizer": True, "offload_parameters": True}),
+])
+def test_deepspeed_strategies_carry_the_trajectory_batch(name: str, expected: dict) -> None:
+    # Lightning would read the micro batch from the step loader's batch sampler, which it does not have (this
+    # failed on 2 H200s before the fix: "'NoneType' object has no attribute 'batch_size'").
+    import inspect
+
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    kwargs = deepspeed_kwargs(name, micro_batch=6)
+    assert kwargs == {**expected, "logging_batch_size_per_gpu": 6}
+    assert set(kwargs) <= set(inspect.signature(DeepSpeedStrategy.__init__).parameters)
+
+
+def test_deepspeed_config_files_get_the_micro_batch_and_bad_ones_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "ds.json"
+    path.write_text('{"zero_optimization": {"stage": 2}}')
+    assert deepspeed_kwargs(f"deepspeed_config:{path}", 4)["config"] == {
+        "zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 4}
+    path.write_text('{"train_micro_batch_size_per_gpu": 8}')  # the user's own value wins
+    assert deepspeed_kwargs(f"deepspeed_config:{path}", 4)["config"]["train_micro_batch_size_per_gpu"] == 8
+    with pytest.raises(ConfigError, match=r"cannot read the DeepSpeed config .*missing.json"):
+        deepspeed_kwargs(f"deepspeed_config:{tmp_path / 'missing.json'}", 4)
+    with pytest.raises(ConfigError, match=r"unknown DeepSpeed strategy 'deepspeed_stage_4'"):
+        deepspeed_kwargs("deepspeed_stage_4", 4)
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tiny_teacher: Path, tmp_path: Path) -> None:
