@@ -98,8 +98,10 @@ class QuantLinear(_QuantMixin, nn.Linear):
         self.weight_quantizer = None
         self.act_quantizer = None
 
-    def forward(self, x: Tensor, weight_delta: Tensor | None = None) -> Tensor:
-        w = self.quantized_weight(weight_delta)
+    def forward(self, x: Tensor, weight_delta: Tensor | None = None, quantized_weight: Tensor | None = None) -> Tensor:
+        """``weight_delta``: an update of the weight (QALoRA); ``quantized_weight``: ``Q_w(W + delta)`` computed by
+        the caller (QALoRA's recomputed form); at most one of them."""
+        w = self.quantized_weight(weight_delta) if quantized_weight is None else quantized_weight
         if self._fused_input():
             _, step, zero = self.act_quantizer._params(x)
             return quant_input_linear(x, step, zero, self.act_quantizer.q_min, self.act_quantizer.q_max, w, self.bias)
@@ -138,8 +140,9 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         self.weight_quantizer = None
         self.act_quantizer = None
 
-    def forward(self, x: Tensor, weight_delta: Tensor | None = None) -> Tensor:
-        w = self.quantized_weight(weight_delta)
+    def forward(self, x: Tensor, weight_delta: Tensor | None = None, quantized_weight: Tensor | None = None) -> Tensor:
+        """``weight_delta`` / ``quantized_weight``: as :meth:`QuantLinear.forward`."""
+        w = self.quantized_weight(weight_delta) if quantized_weight is None else quantized_weight
         if self._fused_input() and self.padding_mode == "zeros" and not isinstance(self.padding, str):
             a = self.act_quantizer
             _, step, zero = a._params(x)

@@ -23,6 +23,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import layer as lora_layer
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from qat.nn.layers import QuantConv2d, QuantLinear
 
@@ -46,7 +47,15 @@ class _QALoRAMixin:
         base = self.get_base_layer()
         if self.disable_adapters or self.merged:
             return base(x)
-        return base(x, weight_delta=self.delta_weight())
+        if not torch.is_grad_enabled():
+            return base(x, weight_delta=self.delta_weight())
+        # Recomputed in backward (one rank-r matmul and an elementwise pass) rather than keeping B A and its
+        # quantizer inputs: those are weight-sized float32 tensors per layer, more than a float LoRA step keeps.
+        weight = checkpoint(self._quantized_weight, use_reentrant=False)
+        return base(x, quantized_weight=weight)
+
+    def _quantized_weight(self) -> Tensor:
+        return self.get_base_layer().quantized_weight(self.delta_weight())
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
