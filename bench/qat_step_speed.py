@@ -14,6 +14,8 @@ during its warm-up; its compile time is printed apart), with the peak memory all
   reference path.
 * ``W4A4 step, fused STE``: the same model through :func:`qat.ste.fake_quantize_ste` (one autograd node per
   quantizer that keeps only its input), this project's default.
+* ``W4A4 step, fused STE, compiled kernels``: the same with :func:`qat.ste.use_compiled_kernels` (the quantizer
+  math compiled into one kernel per quantizer and pass; the model eager; only with ``--modes`` containing eager).
 * ``... mixed timesteps``: every sample of the batch at its own timestep (per-sample temporal steps).
 * ``trajectory generation``: :func:`train.trajectories._trajectories` (DDIM, eta 1, CFG 1.5: ``B / 2``
   trajectories, so every teacher call has batch ``B``), per teacher call, against the compiled teacher forward.
@@ -119,7 +121,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="tiny UNet (checks the script on a CPU)")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--rows", default="teacher,fp,composite,fused,mixed,generation",
+    parser.add_argument("--rows", default="teacher,fp,composite,fused,kernels,mixed,generation",
                         help="comma-separated subset of the rows")
     parser.add_argument("--modes", default="compiled,eager")
     parser.add_argument("--gen-steps", type=int, default=10, help="DDIM steps timed for trajectory generation")
@@ -196,7 +198,7 @@ def main() -> None:
         med = statistics.median(times)
         mem = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
         results[(row, mode)] = (med, mem)
-        compile_s = f"{warm_s:.0f}" if mode == "compiled" else "-"
+        compile_s = f"{warm_s:.0f}" if mode == "compiled" or "compiled kernels" in row else "-"
         print(f"| {row} | {mode} | {med * 1e3:.1f} | {b / med:.1f} | {mem:.1f} | {compile_s} |", flush=True)
 
     def teacher_fn(mode: str) -> Callable[[], Callable[[], None]]:
@@ -211,9 +213,11 @@ def main() -> None:
 
     compiled_students: dict[tuple[bool, bool], torch.nn.Module] = {}
 
-    def step_fn(mode: str, quantized: bool, fused: bool, t: torch.Tensor) -> Callable[[], Callable[[], None]]:
+    def step_fn(mode: str, quantized: bool, fused: bool, t: torch.Tensor,
+                kernels: bool = False) -> Callable[[], Callable[[], None]]:
         def make() -> Callable[[], None]:
             set_flags(student, quantized, fused)
+            qat.ste.use_compiled_kernels(kernels)
             model = student
             if mode == "compiled":
                 model = compiled_students.setdefault((quantized, fused), torch.compile(student))
@@ -262,6 +266,8 @@ def main() -> None:
     for mode in modes:
         plan += [("teacher", "teacher forward", mode), ("fp", "FP LoRA step", mode),
                  ("fused", "W4A4 step, fused STE", mode)]
+        if mode == "eager":
+            plan.append(("kernels", "W4A4 step, fused STE, compiled kernels", mode))
         if mode == modes[0]:
             plan.append(("mixed", "W4A4 step, fused STE, mixed timesteps", mode))
     plan.append(("generation", "trajectory generation", "compiled"))  # after the eager teacher row: compiles in place
@@ -275,6 +281,8 @@ def main() -> None:
             measure_generation()
         elif key == "mixed":
             measure(row, mode, step_fn(mode, True, True, t_mixed), reset=False)
+        elif key == "kernels":
+            measure(row, mode, step_fn(mode, True, True, t_single, kernels=True))
         else:
             quantized, fused = key != "fp", key != "composite"
             compiled_students.clear()
@@ -291,6 +299,9 @@ def main() -> None:
         fp, fused = ("FP LoRA step", mode), ("W4A4 step, fused STE", mode)
         ratio("QAT / FP LoRA throughput", mode, fp, fused, 0, ">= 0.95")
         ratio("QAT / FP LoRA peak memory", mode, fused, fp, 1, "<= 1.15")
+        kernels = ("W4A4 step, fused STE, compiled kernels", mode)
+        ratio("QAT (compiled kernels) / FP LoRA throughput", mode, fp, kernels, 0, ">= 0.95")
+        ratio("QAT (compiled kernels) / FP LoRA peak memory", mode, kernels, fp, 1, "<= 1.15")
         ratio("composite-STE QAT / FP LoRA throughput", mode, fp, ("W4A4 step, composite STE", mode), 0, "(before)")
         ratio("composite-STE QAT / FP LoRA peak memory", mode, ("W4A4 step, composite STE", mode), fp, 1, "(before)")
         ratio("mixed / single timestep step time", mode, ("W4A4 step, fused STE, mixed timesteps", mode), fused, 0,

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["round_ste", "grad_scale", "sign_ste", "fake_quantize_ste", "fake_quantize_forward",
-           "fake_quantize_backward"]
+           "fake_quantize_backward", "use_compiled_kernels"]
 
 
 def round_ste(x: Tensor) -> Tensor:
@@ -56,8 +56,7 @@ class _FakeQuantizeSTE(torch.autograd.Function):
                 q_min: int, q_max: int) -> Tensor:
         ctx.save_for_backward(x, step, zero_point, delta)
         ctx.q_min, ctx.q_max = q_min, q_max
-        out, *_ = _fq_parts(x, step, zero_point, delta, q_min, q_max)
-        return out.to(x.dtype)
+        return _kernel("value")(x, step, zero_point, delta, q_min, q_max).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
@@ -67,15 +66,10 @@ class _FakeQuantizeSTE(torch.autograd.Function):
         return (*grads, None, None)
 
 
-def fake_quantize_backward(grad_out: Tensor, x: Tensor, step: Tensor, zero_point: Tensor, delta: Tensor | None,
-                           q_min: int, q_max: int, needs: tuple[bool, ...] = (True, True, True, True),
-                           ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of :func:`fake_quantize_ste` w.r.t. ``(x, step, zero_point, delta)`` from ``dL/dQ``.
-
-    Recomputes the forward pieces from ``x`` (nothing but the input is kept between forward and backward). Also used
-    by the fused quantized layers (:mod:`qat.nn.fused`), which save ``x`` instead of ``Q(x)``.
-    """
-    _, q, zr, v, d, inside1, inside2 = _fq_parts(x, step, zero_point, delta, q_min, q_max)
+def _fq_backward(grad_out: Tensor, x: Tensor, step: Tensor, zero_point: Tensor, delta: Tensor | None, q_min: int,
+                 q_max: int, needs: tuple[bool, ...]) -> tuple[Tensor | None, ...]:
+    """The math of :func:`fake_quantize_backward` (eager; compiled by :func:`use_compiled_kernels`)."""
+    q, zr, v, d, inside1, inside2 = _fq_parts(x, step, zero_point, delta, q_min, q_max)
     g = grad_out.float()
     pass_x = inside1 if inside2 is None else inside1 & inside2
     grad_x = torch.where(pass_x, g, 0.0).to(x.dtype) if needs[0] else None
@@ -93,27 +87,49 @@ def fake_quantize_backward(grad_out: Tensor, x: Tensor, step: Tensor, zero_point
     return grad_x, grad_step, grad_zero, grad_delta
 
 
+def fake_quantize_backward(grad_out: Tensor, x: Tensor, step: Tensor, zero_point: Tensor, delta: Tensor | None,
+                           q_min: int, q_max: int, needs: tuple[bool, ...] = (True, True, True, True),
+                           ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of :func:`fake_quantize_ste` w.r.t. ``(x, step, zero_point, delta)`` from ``dL/dQ``.
+
+    Recomputes the forward pieces from ``x`` (nothing but the input is kept between forward and backward). Also used
+    by the fused quantized layers (:mod:`qat.nn.fused`), which save ``x`` instead of ``Q(x)``.
+    """
+    return _kernel("backward")(grad_out, x, step, zero_point, delta, q_min, q_max, tuple(needs))
+
+
 def _fq_parts(x: Tensor, step: Tensor, zero_point: Tensor, delta: Tensor | None, q_min: int,
-              q_max: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
-    """Forward pieces in float32: output, clipped codes, rounded zero, x/s, delta/s and the two in-range masks."""
+              q_max: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
+    """Backward's view of the forward, in float32: clipped codes, rounded zero, x/s, delta/s, the two in-range
+    masks."""
     s = step.float()
     zr = torch.round(zero_point.float())
     v = x.float() / s
     q1 = torch.round(v) + zr
-    inside1 = (q1 >= q_min) & (q1 <= q_max)
     q = q1.clamp(q_min, q_max)
+    inside1 = q == q1  # the clip left the code alone: one comparison instead of two bounds and an "and"
     d = inside2 = None
     if delta is not None:
         d = delta.float() / s
         q2 = q + torch.round(d)
-        inside2 = (q2 >= q_min) & (q2 <= q_max)
         q = q2.clamp(q_min, q_max)
-    return (q - zr) * s, q, zr, v, d, inside1, inside2
+        inside2 = q == q2
+    return q, zr, v, d, inside1, inside2
+
+
+def _fq_value(x: Tensor, step: Tensor, zero_point: Tensor, delta: Tensor | None, q_min: int, q_max: int) -> Tensor:
+    """The forward value of :func:`_fq_parts` alone (no masks: fewer kernels on the forward path), float32."""
+    s = step.float()
+    zr = torch.round(zero_point.float())
+    q = (torch.round(x.float() / s) + zr).clamp(q_min, q_max)
+    if delta is not None:
+        q = (q + torch.round(delta.float() / s)).clamp(q_min, q_max)
+    return (q - zr) * s
 
 
 def fake_quantize_forward(x: Tensor, step: Tensor, zero_point: Tensor, q_min: int, q_max: int) -> Tensor:
     """Forward value of :func:`fake_quantize_ste` (no autograd node), in ``x.dtype``."""
-    return _fq_parts(x, step, zero_point, None, q_min, q_max)[0].to(x.dtype)
+    return _kernel("value")(x, step, zero_point, None, q_min, q_max).to(x.dtype)
 
 
 def fake_quantize_ste(x: Tensor, step: Tensor, zero_point: Tensor, q_min: int, q_max: int,
@@ -136,3 +152,35 @@ def fake_quantize_ste(x: Tensor, step: Tensor, zero_point: Tensor, q_min: int, q
         x: any shape; ``step`` / ``zero_point`` (and ``delta``, same shape as ``x``) broadcast against it.
     """
     return _FakeQuantizeSTE.apply(x, step, zero_point, delta, q_min, q_max)
+
+
+# -- compiled kernels --------------------------------------------------------------------------------------------
+# Eagerly, one fake quantizer is about ten elementwise kernels forward and twenty backward, each a full pass over
+# the tensor; compiled, each becomes one fused loop (a Triton kernel on a GPU, C++ on a CPU). Only these small
+# functions are compiled (with dynamic shapes: one compilation serves every layer of a rank and dtype), so the
+# model itself stays eager, hooks and all.
+_EAGER = {"value": _fq_value, "backward": _fq_backward}
+_COMPILED: dict[str, object] = {}
+_USE_COMPILED = False
+
+
+def use_compiled_kernels(enabled: bool = True) -> None:
+    """Runs the fake-quant forward and backward math (:func:`fake_quantize_ste`, :func:`fake_quantize_forward`,
+    :func:`fake_quantize_backward`, the fused layers of :mod:`qat.nn.fused`) through ``torch.compile``.
+
+    Process-wide. Values are the eager ones (forward bit-identical; the step-size gradient's sum may be reduced in
+    another order: float32 rounding, ``tests/qat/test_fast_path.py``). Needs what inductor needs: a C++ compiler on
+    a CPU, Triton on a GPU. The first call per tensor rank, dtype and bit width compiles (seconds); raises dynamo's
+    recompile limit so that these variants never fall back to eager.
+    """
+    global _USE_COMPILED
+    if enabled and not _COMPILED:
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        _COMPILED.update({k: torch.compile(fn, dynamic=True) for k, fn in _EAGER.items()})
+    _USE_COMPILED = enabled
+
+
+def _kernel(name: str):  # noqa: ANN202 - returns one of the two callables above
+    return _COMPILED[name] if _USE_COMPILED else _EAGER[name]

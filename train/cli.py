@@ -94,6 +94,7 @@ def apply_performance(cfg: RunConfig, student: torch.nn.Module, teacher: Teacher
     """
     p = cfg.performance
     FakeQuantizer.fused = p.fused_fake_quant
+    qat.ste.use_compiled_kernels(p.compile_kernels)
     if p.compile:
         student.compile(backend=p.compile_backend)
         teacher.unet.compile(backend=p.compile_backend)

@@ -189,6 +189,9 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     enable_progress_bar: bool = True
     deterministic: bool = False
+    # Lightning's profilers: "simple" (time per loop hook), "advanced" (cProfile per hook), "pytorch" (op-level
+    # CPU / CUDA time); the summary is printed when training ends.
+    profiler: str | None = None
 
 
 @dataclass
@@ -201,11 +204,16 @@ class PerformanceConfig:
         compile_backend: the ``torch.compile`` backend (``inductor``; ``aot_eager`` to debug).
         fused_fake_quant: quantizers run as one autograd node each (:func:`qat.ste.fake_quantize_ste`); false
             selects the composite reference form (slower, more memory; for debugging).
+        compile_kernels: the fake-quant math of the fused quantizers compiled into one kernel per quantizer and
+            pass (:func:`qat.ste.use_compiled_kernels`), the model itself eager: most of ``compile``'s gain on the
+            quantizers without compiling the model (seconds, not minutes). Needs a C++ compiler (CPU) or Triton
+            (GPU). No effect with ``fused_fake_quant=false``.
     """
 
     compile: bool = False
     compile_backend: str = "inductor"
     fused_fake_quant: bool = True
+    compile_kernels: bool = False
 
 
 @dataclass
@@ -341,6 +349,7 @@ def validate(cfg: RunConfig) -> None:
     _one_of("efficientdm.act_init", e.act_init, ("mse", "minmax"))
     _one_of("efficientdm.weight_init", e.weight_init, ("mse", "minmax"))
     _one_of("trainer.precision", str(cfg.trainer.precision), _PRECISIONS)
+    _one_of("trainer.profiler", cfg.trainer.profiler, (None, "simple", "advanced", "pytorch"))
     _one_of("performance.compile_backend", cfg.performance.compile_backend,
             ("inductor", "aot_eager", "eager", "cudagraphs"))
     if len(cfg.optim.betas) != 2:

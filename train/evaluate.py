@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+import qat
 from train.metrics import digits_fd_and_accuracy, extract_features, psnr, ssim
 from train.pipeline import QATDiffusionPipeline, sample_seeds
 from train.teacher import Teacher
@@ -64,11 +65,12 @@ def heldout_eps_mse(model: nn.Module, held: HeldOut, batch_size: int = 256) -> d
     d = held.data
     n = d["x"].shape[0]
     per_sample = torch.empty(n)
+    quantizers = qat.temporal_quantizers(model)
     for start in range(0, n, batch_size):
         sl = slice(start, min(start + batch_size, n))
         x, t = d["x"][sl].to(device), d["t"][sl].to(device)
         cond, uncond = held.teacher.contexts(d["labels"][sl].to(device))
-        eps, _, _ = guided_eps(model, x, t, cond, uncond, held.guidance)
+        eps, _, _ = guided_eps(model, x, t, cond, uncond, held.guidance, quantizers)
         target = d["eps_cond"][sl].to(device)
         if "eps_uncond" in d:
             eu = d["eps_uncond"][sl].to(device)

@@ -34,6 +34,7 @@ The family is found from the model class (its MRO, so subclasses work), or given
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -218,11 +219,25 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (_UNet(), _DiT(), _PixArt(), _
 
 def model_dtype(model: nn.Module) -> torch.dtype:
     """The compute dtype of a model: diffusers' ``ModelMixin.dtype`` (which skips modules kept in fp32, e.g. Wan's
-    norms and timestep MLP in a bf16 model), else the first floating-point parameter's."""
+    norms and timestep MLP in a bf16 model), else the first floating-point parameter's.
+
+    Cached per model: diffusers walks every module for casting hooks on each call (milliseconds for a large UNet,
+    and it is asked on every sampler step). The cache is checked against the first parameter's dtype, so a model
+    cast with ``.to(dtype)`` is looked up again.
+    """
+    first = next(model.parameters(), None)
+    probe = None if first is None else first.dtype
+    hit = _DTYPES.get(model)
+    if hit is not None and hit[0] == probe:
+        return hit[1]
     dtype = getattr(model, "dtype", None)
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+    if not isinstance(dtype, torch.dtype):
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    _DTYPES[model] = (probe, dtype)
+    return dtype
+
+
+_DTYPES: weakref.WeakKeyDictionary[nn.Module, tuple[torch.dtype | None, torch.dtype]] = weakref.WeakKeyDictionary()
 
 
 def _known() -> str:

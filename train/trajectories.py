@@ -61,22 +61,23 @@ class TrajectoryBatch:
 
 
 def guided_eps(model: nn.Module, x: Tensor, t: Tensor, cond: Tensor | None, uncond: Tensor | None,
-               guidance: float) -> tuple[Tensor, Tensor, Tensor | None]:
+               guidance: float, quantizers: list[nn.Module] | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(eps_u + w (eps_c - eps_u), eps_c, eps_u)`` from one batched call (uncond first, as CompVis LDM).
 
     ``t`` is ``(B,)``; temporal quantizers of ``model`` are set from it for the duration of the call. Inputs and
     floating-point contexts are cast to the model's parameter dtype (a bf16 teacher next to an fp32 student); label
-    contexts (DiT) stay integers.
+    contexts (DiT) stay integers. ``quantizers``: ``qat.temporal_quantizers(model)`` computed once by a caller that
+    calls many times (skips a walk over every module per call).
     """
     dtype = model_dtype(model)
     x = x.to(dtype)
     if cond is None:
-        with qat.timestep(model, t):
+        with qat.timestep(model, t, quantizers):
             eps = denoise(model, x, t, None)
         return eps, eps, None
     tt = torch.cat([t, t])
     context = torch.cat([uncond, cond])
-    with qat.timestep(model, tt):
+    with qat.timestep(model, tt, quantizers):
         out = denoise(model, torch.cat([x, x]), tt, context.to(dtype) if context.is_floating_point() else context)
     eps_u, eps_c = out.chunk(2)
     return eps_u + guidance * (eps_c - eps_u), eps_c, eps_u
@@ -114,6 +115,7 @@ class OnlineTrajectories:
         self.x: Tensor | None = None
         self.labels: Tensor | None = None
         self.gen_states: list[Tensor] = []  # one noise stream per trajectory (DDIM eta > 0 noise)
+        self._quantizers = qat.temporal_quantizers(teacher.unet)  # none for a float teacher; walked once
 
     def _start(self) -> None:
         first = (self.round * self.world_size + self.rank) * self.batch_size
@@ -134,7 +136,7 @@ class OnlineTrajectories:
         t_val = self.scheduler.timesteps[self.step]
         t = _batch_t(t_val, x.shape[0], device)
         cond, uncond = self.teacher.contexts(self.labels.to(device))
-        eps, eps_c, eps_u = guided_eps(unet, x, t, cond, uncond, self.guidance)
+        eps, eps_c, eps_u = guided_eps(unet, x, t, cond, uncond, self.guidance, self._quantizers)
         batch = TrajectoryBatch(x.float(), t, self.labels.to(device), cond, uncond, eps_c.float(),
                                 None if eps_u is None else eps_u.float())
         noise, self.gen_states = _draw(self.gen_states, x.shape[1:])
@@ -174,9 +176,10 @@ def _trajectories(teacher: Teacher, indices: list[int], num_steps: int, eta: flo
     gen_states = [s[2] for s in starts]
     cond, uncond = teacher.contexts(labels.to(device))
     out: dict[str, list[Tensor]] = {"x": [], "t": [], "labels": [], "eps_cond": [], "eps_uncond": []}
+    quantizers = qat.temporal_quantizers(teacher.unet)
     for t_val in sched.timesteps:
         t = _batch_t(t_val, x.shape[0], device)
-        eps, eps_c, eps_u = guided_eps(teacher.unet, x, t, cond, uncond, guidance)
+        eps, eps_c, eps_u = guided_eps(teacher.unet, x, t, cond, uncond, guidance, quantizers)
         out["x"].append(x.float().cpu())
         out["t"].append(t.cpu())
         out["labels"].append(labels)
@@ -349,9 +352,10 @@ def sample(model: nn.Module, teacher: Teacher, labels: Tensor, noise: Tensor, nu
     cond, uncond = teacher.contexts(labels.to(device))
     x = noise
     record = []
+    quantizers = qat.temporal_quantizers(model)
     for t_val in sched.timesteps:
         t = _batch_t(t_val, x.shape[0], device)
-        eps, _, _ = guided_eps(model, x, t, cond, uncond, guidance)
+        eps, _, _ = guided_eps(model, x, t, cond, uncond, guidance, quantizers)
         if record_eps:
             record.append(eps.float())
         # eta 0 here (the default): deterministic, no noise needed; eta > 0 draws from the global generator

@@ -51,11 +51,27 @@ class _QALoRAMixin:
             return base(x, weight_delta=self.delta_weight())
         # Recomputed in backward (one rank-r matmul and an elementwise pass) rather than keeping B A and its
         # quantizer inputs: those are weight-sized float32 tensors per layer, more than a float LoRA step keeps.
-        weight = checkpoint(self._quantized_weight, use_reentrant=False)
+        if torch.compiler.is_compiling():  # a compiled graph handles checkpoint regions natively
+            weight = checkpoint(self._quantized_weight, use_reentrant=False)
+        else:  # eager: a plain autograd node, without torch.utils.checkpoint's per-call bookkeeping
+            slots = [(m, n) for m, n in self._weight_inputs() if m._parameters[n].requires_grad]
+            if slots:
+                weight = _RecomputedWeight.apply(self, slots, *(m._parameters[n] for m, n in slots))
+            else:
+                weight = self._quantized_weight()
         return base(x, quantized_weight=weight)
 
     def _quantized_weight(self) -> Tensor:
         return self.get_base_layer().quantized_weight(self.delta_weight())
+
+    def _weight_inputs(self) -> list[tuple[nn.Module, str]]:
+        """``(module, parameter name)`` of every parameter ``_quantized_weight`` reads: the base weight, the
+        adapters, the weight quantizer's."""
+        base = self.get_base_layer()
+        owners = [*self.lora_A.modules(), *self.lora_B.modules()]
+        if base.weight_quantizer is not None:
+            owners += list(base.weight_quantizer.modules())
+        return [(base, "weight")] + [(m, n) for m in owners for n, p in m._parameters.items() if p is not None]
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -82,6 +98,39 @@ class _QALoRAMixin:
     def unmerge(self) -> None:
         raise RuntimeError("a QALoRA merge happens in the integer domain (with clipping) and cannot be undone; "
                            "reload the checkpoint saved before merging")
+
+
+class _RecomputedWeight(torch.autograd.Function):
+    """``Q_w(W + s B A)`` as one autograd node that keeps nothing: backward recomputes the weight under autograd.
+
+    Equivalent to ``torch.utils.checkpoint`` of :meth:`_QALoRAMixin._quantized_weight` (tested), at a fraction of
+    its per-call host cost, which matters at the small batches of the EfficientDM recipe (hundreds of layers per
+    step). ``slots`` name the ``(module, parameter)`` pairs the weight depends on and ``params`` are those
+    parameters. Backward recomputes from detached aliases swapped into the slots, so that tensor hooks on the
+    parameters (``qat.scale_aware_gradient_hooks``) run once, on the gradient this node returns. Like
+    checkpointing, it assumes the parameters do not change between forward and backward.
+    """
+
+    @staticmethod
+    def forward(ctx, layer: _QALoRAMixin, slots: list[tuple[nn.Module, str]],  # type: ignore[override]
+                *params: Tensor) -> Tensor:
+        ctx.layer, ctx.slots, ctx.params = layer, slots, params  # parameters live anyway: no activation memory
+        with torch.no_grad():
+            return layer._quantized_weight()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        aliases = [p.detach().requires_grad_() for p in ctx.params]
+        try:
+            for (module, name), alias in zip(ctx.slots, aliases):
+                module._parameters[name] = alias
+            with torch.enable_grad():
+                weight = ctx.layer._quantized_weight()
+        finally:
+            for (module, name), param in zip(ctx.slots, ctx.params):
+                module._parameters[name] = param
+        grads = torch.autograd.grad(weight, aliases, grad, allow_unused=True)
+        return (None, None, *grads)
 
 
 class QALoRALinear(_QALoRAMixin, lora_layer.Linear):

@@ -78,6 +78,26 @@ def test_compiled_student_equals_eager_and_compiles_once_for_all_timesteps(stude
     assert not torch._dynamo.utils.counters["graph_break"]
 
 
+def test_compiled_kernels_give_the_eager_student(student) -> None:
+    """``qat.ste.use_compiled_kernels``: the quantizer math through inductor (C++ here), the model eager. Forward
+    values are bit-identical; gradients agree to float32 rounding (the step-size sums may be reduced in another
+    order)."""
+    model, fwd, make_batch, grid = student
+    batch = make_batch(grid[torch.tensor([0, 3, 3, 9])])
+    eager = _loss_and_grads(model, model, fwd, batch)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    qat.ste.use_compiled_kernels(True)
+    try:
+        kernels = _loss_and_grads(model, model, fwd, batch)
+    finally:
+        qat.ste.use_compiled_kernels(False)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # the forward and the backward math compiled
+    assert torch.equal(kernels[0], eager[0])
+    _assert_same(kernels, eager)
+    assert _loss_and_grads(model, model, fwd, batch)[0].equal(eager[0])  # switched off again: the eager path
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("kind", ["conv", "linear", "temporal_linear"])
 def test_fused_quantized_layers_equal_the_composed_form_and_keep_only_the_input(kind: str, autocast: bool) -> None:

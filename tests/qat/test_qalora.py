@@ -305,3 +305,35 @@ def test_deepcopy_of_prepared_model_is_independent() -> None:
     randomise_b(clone)
     with torch.no_grad():
         assert not torch.equal(net.fc(inputs()["fc"]), clone.fc(inputs()["fc"]))
+
+
+def _grads_of(net: Net, xs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    loss = sum(getattr(net, name)(xs[name]).square().sum() for name in ("conv", "fc"))
+    loss.backward()
+    return {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+
+def test_recomputed_weight_node_matches_checkpoint_and_plain_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The eager recompute node gives the gradients of torch.utils.checkpoint (the compiled path) and of keeping
+    the whole graph; the parameters are restored after its backward."""
+    xs = inputs()
+    nets = [make() for _ in range(3)]
+    for net in nets:
+        randomise_b(net)
+    eager = _grads_of(nets[0], xs)
+    with monkeypatch.context() as m:  # the branch a compiled graph takes
+        m.setattr(torch.compiler, "is_compiling", lambda: True)
+        ckpt = _grads_of(nets[1], xs)
+    with monkeypatch.context() as m:  # no recomputation at all
+        m.setattr(qat.nn.qalora, "checkpoint", lambda fn, use_reentrant: fn())
+        m.setattr(torch.compiler, "is_compiling", lambda: True)
+        plain = _grads_of(nets[2], xs)
+    assert set(eager) == set(ckpt) == set(plain) and any("lora_A" in k for k in eager)
+    for k in eager:
+        torch.testing.assert_close(eager[k], ckpt[k], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(eager[k], plain[k], rtol=1e-6, atol=1e-7)
+    for name in ("conv", "fc"):  # every slot holds its nn.Parameter again
+        layer = getattr(nets[0], name)
+        assert all(isinstance(p, nn.Parameter) for p in layer.parameters())
+        params = dict(nets[0].named_parameters())
+        assert base(layer).weight_quantizer.step is params[f"{name}.base_layer.weight_quantizer.step"]
