@@ -64,6 +64,9 @@ def test_override_reaches_trainer_section() -> None:
         (["teacher.conditioning=none"], r"trajectories\.guidance_scale: classifier-free guidance needs conditioning"),
         (["resume=/no/such.ckpt"], r"resume: '/no/such.ckpt' is neither 'last', 'auto' nor an existing checkpoint"),
         (["optim.betas=[0.9]"], r"optim\.betas: needs two values"),
+        (["trainer.profiler=fancy"],
+         r"trainer\.profiler: 'fancy' is not allowed; choose one of \[None, 'simple', 'advanced', 'pytorch'\]"),
+        (["performance.compile_kernels=maybe"], r"performance\.compile_kernels: .*maybe"),
     ],
 )
 def test_error_messages_name_the_key(argv: list[str], pattern: str) -> None:

@@ -34,3 +34,21 @@ def test_compiled_fused_training_equals_the_eager_composite_reference(tiny_teach
     assert a.keys() == b.keys()  # compiling in place keeps the state-dict keys
     assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)  # training happened
     assert _relative_difference(a, b) < 1e-4
+
+
+def test_performance_keys_switch_the_quantizer_paths() -> None:
+    """``performance.fused_fake_quant`` / ``compile_kernels`` reach the quantizers (process-wide switches)."""
+    import qat
+    from train.cli import apply_performance
+    from train.config import load_config
+
+    try:
+        cfg = load_config(["config=efficientdm_digits.yaml", "performance.fused_fake_quant=false",
+                           "performance.compile_kernels=true"])
+        apply_performance(cfg, torch.nn.Identity(), teacher=None)
+        assert FakeQuantizer.fused is False and qat.ste._kernel("value") is not qat.ste._fq_value
+        apply_performance(load_config(["config=efficientdm_digits.yaml"]), torch.nn.Identity(), teacher=None)
+        assert FakeQuantizer.fused is True and qat.ste._kernel("value") is qat.ste._fq_value
+    finally:
+        FakeQuantizer.fused = True
+        qat.ste.use_compiled_kernels(False)
