@@ -34,6 +34,7 @@ from qat.quantizers import FakeQuantizer
 from train.callbacks import Preemption, QuantizerTelemetry, SampleGrid
 from train.config import ConfigError, RunConfig, load_config, to_yaml
 from train.evaluate import Evaluator, SampleSet
+from train.families import compile_repeated_blocks
 from train.launch import apply_launcher, trainer_kwargs
 from train.report import sanitize, write_run_report
 from train.system import DistillQATSystem
@@ -96,7 +97,10 @@ def apply_performance(cfg: RunConfig, student: torch.nn.Module, teacher: Teacher
     FakeQuantizer.fused = p.fused_fake_quant
     qat.ste.use_compiled_kernels(p.compile_kernels)
     if p.compile:
-        student.compile(backend=p.compile_backend)
+        if p.compile_blocks:
+            compile_repeated_blocks(student, backend=p.compile_backend)
+        else:
+            student.compile(backend=p.compile_backend)
         teacher.unet.compile(backend=p.compile_backend)
 
 

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["Family", "TextConvention", "FAMILIES", "family_of", "family_for_class", "get_family", "set_family",
-           "denoise", "model_dtype"]
+           "denoise", "model_dtype", "compile_repeated_blocks"]
 
 FAMILY_ATTR = "diffqat_family"
 
@@ -77,6 +77,8 @@ class Family:
     text: TextConvention | None = None
     #: layout of one sample, for messages and ``teacher.sample_shape``
     layout: str = "(C, H, W)"
+    #: classes of the repeated blocks that ``performance.compile_blocks`` compiles one by one
+    repeated_blocks: tuple[str, ...] = ("BasicTransformerBlock",)
 
     def sample_shape(self, config: Any) -> tuple[int, ...]:
         """Shape of one sample in the model's layout, from its config."""
@@ -114,6 +116,7 @@ def _need(context: Tensor | None, family: str, what: str) -> Tensor:
 class _UNet(Family):
     name = "unet"
     classes = ("UNet2DConditionModel", "UNet2DModel")
+    repeated_blocks = ("ResnetBlock2D", "BasicTransformerBlock")  # the ResNet blocks hold most quantized convs
     text = TextConvention()  # Stable Diffusion: CLIP last hidden state, 77 tokens, no attention mask
 
 
@@ -165,6 +168,7 @@ class _PixArt(Family):
 class _CogVideoX(Family):
     name = "cogvideox"
     classes = ("CogVideoXTransformer3DModel",)
+    repeated_blocks = ("CogVideoXBlock",)
     channel_axis = 2
     layout = "(F, C, H, W)"
     text = TextConvention(length_key="max_text_seq_length")  # T5 states padded to 226, no mask anywhere
@@ -195,6 +199,7 @@ class _CogVideoX(Family):
 class _Wan(Family):
     name = "wan"
     classes = ("WanTransformer3DModel",)
+    repeated_blocks = ("WanTransformerBlock",)
     layout = "(C, F, H, W)"
     # umT5 states: 512 tokens, mask to the encoder, padding states zeroed; the transformer takes no mask.
     text = TextConvention(max_length=512, encoder_mask=True, zero_pad=True)
@@ -298,3 +303,24 @@ def denoise(model: nn.Module, x: Tensor, t: Tensor, context: Tensor | None, fami
     """
     fam = family_of(model) if family is None else get_family(family)
     return fam.denoise(model, x, t, context)
+
+
+def compile_repeated_blocks(model: nn.Module, **compile_kwargs: Any) -> int:
+    """Regional compilation: ``torch.compile`` of every repeated block of ``model`` in place (its family's
+    ``repeated_blocks``), the rest eager; returns the number of blocks compiled.
+
+    As diffusers' ``compile_repeated_blocks`` (which for UNets lists only the transformer blocks), with the ResNet
+    blocks added. Blocks of one class share compiled code, recompiled per shape and structure variant; dynamo's
+    recompile limit is raised so that no variant falls back to eager (a UNet has about twenty).
+    """
+    import torch._dynamo
+
+    names = family_of(model).repeated_blocks
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"performance.compile_blocks: no block of the classes {list(names)} in "
+                         f"{type(model).__name__}; set performance.compile_blocks=false to compile the whole model")
+    for block in blocks:
+        block.compile(**compile_kwargs)
+    return len(blocks)

@@ -78,6 +78,22 @@ def test_compiled_student_equals_eager_and_compiles_once_for_all_timesteps(stude
     assert not torch._dynamo.utils.counters["graph_break"]
 
 
+def test_regionally_compiled_student_equals_eager(student) -> None:
+    """``performance.compile_blocks``: the repeated blocks compiled one by one (aot_eager), the rest eager."""
+    from train.families import compile_repeated_blocks
+
+    model, fwd, make_batch, grid = student
+    batches = [make_batch(grid[torch.tensor(rows)]) for rows in ([0, 3, 3, 9], [5, 5, 5, 5])]
+    eager = [_loss_and_grads(model, model, fwd, b) for b in batches]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    n = compile_repeated_blocks(model, backend="aot_eager")
+    assert n == sum(type(m).__name__ in ("ResnetBlock2D", "BasicTransformerBlock") for m in model.modules()) > 0
+    for b, ref in zip(batches, eager):
+        _assert_same(_loss_and_grads(model, model, fwd, b), ref)
+    assert 0 < torch._dynamo.utils.counters["stats"]["unique_graphs"] <= n  # blocks compiled, shared where alike
+
+
 def test_compiled_kernels_give_the_eager_student(student) -> None:
     """``qat.ste.use_compiled_kernels``: the quantizer math through inductor (C++ here), the model eager. Forward
     values are bit-identical; gradients agree to float32 rounding (the step-size sums may be reduced in another

@@ -67,6 +67,7 @@ def test_override_reaches_trainer_section() -> None:
         (["trainer.profiler=fancy"],
          r"trainer\.profiler: 'fancy' is not allowed; choose one of \[None, 'simple', 'advanced', 'pytorch'\]"),
         (["performance.compile_kernels=maybe"], r"performance\.compile_kernels: .*maybe"),
+        (["performance.compile_blocks=true"], r"performance\.compile_blocks: .*needs performance\.compile=true"),
     ],
 )
 def test_error_messages_name_the_key(argv: list[str], pattern: str) -> None:
