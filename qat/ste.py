@@ -182,5 +182,16 @@ def use_compiled_kernels(enabled: bool = True) -> None:
     _USE_COMPILED = enabled
 
 
+def _plain(a: object) -> object:
+    # dynamo keeps parameters' shapes static (a new graph per weight shape) and guards on the Parameter class: a
+    # view is the same data as a plain tensor, so one dynamic-shape graph serves every layer of a rank and dtype
+    return a.view_as(a) if isinstance(a, torch.nn.Parameter) else a
+
+
+def _compiled_call(name: str):  # noqa: ANN202
+    fn = _COMPILED[name]
+    return lambda *args: fn(*(_plain(a) for a in args))
+
+
 def _kernel(name: str):  # noqa: ANN202 - returns one of the two callables above
-    return _COMPILED[name] if _USE_COMPILED else _EAGER[name]
+    return _compiled_call(name) if _USE_COMPILED else _EAGER[name]

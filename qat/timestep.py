@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from qat.quantizers.temporal_lsq import TemporalLSQQuantizer, grid_position
+from qat.quantizers.temporal_lsq import TemporalLSQQuantizer, grid_position, interpolation_weights
 
 __all__ = [
     "temporal_quantizers",
@@ -46,12 +46,13 @@ def set_timestep(model: nn.Module, t: float | Tensor, quantizers: list[TemporalL
     the walk over thousands of modules on every call.
     """
     t = torch.as_tensor(t)
-    positions: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
+    positions: dict[tuple, tuple[tuple[Tensor, Tensor, Tensor], Tensor]] = {}
     for q in temporal_quantizers(model) if quantizers is None else quantizers:
         key = (q.grid_key, q.timesteps.device)  # the grid is located once per model call, not once per layer
         if key not in positions:
-            positions[key] = grid_position(q.timesteps, t)
-        q.set_timestep(t, positions[key])
+            position = grid_position(q.timesteps, t)
+            positions[key] = position, interpolation_weights(position, len(q.grid_key))
+        q.set_timestep(t, *positions[key])
 
 
 def set_timestep_index(model: nn.Module, index: int | Tensor) -> None:

@@ -13,7 +13,12 @@ from __future__ import annotations
 
 from qat.quantizers.base import FakeQuantizer, QuantizerConfig, fake_quantize, qrange, search_range
 from qat.quantizers.lsq import LSQConfig, LSQQuantizer
-from qat.quantizers.temporal_lsq import TemporalLSQConfig, TemporalLSQQuantizer, grid_position
+from qat.quantizers.temporal_lsq import (
+    TemporalLSQConfig,
+    TemporalLSQQuantizer,
+    grid_position,
+    interpolation_weights,
+)
 from qat.quantizers.uniform import UniformConfig, UniformQuantizer
 from qat.registry import Registry
 
@@ -31,6 +36,7 @@ __all__ = [
     "config_class",
     "fake_quantize",
     "grid_position",
+    "interpolation_weights",
     "qrange",
     "search_range",
 ]

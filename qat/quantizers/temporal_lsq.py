@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from qat.quantizers.lsq import LSQConfig, LSQQuantizer
 
-__all__ = ["TemporalLSQConfig", "TemporalLSQQuantizer", "grid_position"]
+__all__ = ["TemporalLSQConfig", "TemporalLSQQuantizer", "grid_position", "interpolation_weights"]
 
 
 @dataclass
@@ -75,6 +75,22 @@ def grid_position(grid: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return lo, hi, w
 
 
+def interpolation_weights(position: tuple[Tensor, Tensor, Tensor], num_rows: int) -> Tensor:
+    """The rows of :func:`grid_position` as weights over the table: ``(T,)`` for a scalar ``t``, ``(B, T)`` for
+    ``(B,)``, with ``1 - w`` at ``lo`` and ``w`` at ``hi`` (exactly 1.0 at ``lo`` on grid points), so that the
+    interpolated row is ``sum_j weights[..., j] * table[j]``.
+
+    Why a weighted sum instead of ``table[lo]``: the backward of an indexing op is an accumulating ``index_put_``
+    (a zero fill, a sort and a scatter per table and call, about 0.1 ms of host time each on a GPU host, two per
+    temporal quantizer), while a product with fixed weights backpropagates as one multiply; the weights are
+    computed once per model call and shared by every quantizer on the same grid.
+    """
+    lo, hi, w = position
+    coef = torch.zeros(*lo.shape, num_rows, device=w.device, dtype=w.dtype)
+    coef.scatter_add_(-1, lo.unsqueeze(-1), (1.0 - w).unsqueeze(-1))
+    return coef.scatter_add_(-1, hi.unsqueeze(-1), w.unsqueeze(-1))
+
+
 class TemporalLSQQuantizer(LSQQuantizer):
     """LSQ / LSQ+ whose step and zero-point are looked up per timestep.
 
@@ -106,6 +122,7 @@ class TemporalLSQQuantizer(LSQQuantizer):
         self._lo: int | Tensor | None = None
         self._hi: Tensor | None = None
         self._w: Tensor | None = None
+        self._coef: Tensor | None = None  # interpolation_weights of the timestep values set (None: an index)
 
     # -- timestep selection ---------------------------------------------------------------------------------------
     def set_timestep_index(self, index: int | Tensor) -> None:
@@ -120,18 +137,22 @@ class TemporalLSQQuantizer(LSQQuantizer):
             index = index.to(self.step.device)
         elif not 0 <= int(index) < t_count:
             raise IndexError(f"timestep index {index} out of range [0, {t_count})")
-        self._lo, self._hi, self._w = index, None, None
+        self._lo, self._hi, self._w, self._coef = index, None, None, None
 
-    def set_timestep(self, t: float | Tensor, position: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
+    def set_timestep(self, t: float | Tensor, position: tuple[Tensor, Tensor, Tensor] | None = None,
+                     weights: Tensor | None = None) -> None:
         """Selects rows by sampler timestep value(s) ``t`` (scalar or ``(B,)``), interpolating between rows.
 
         Always the interpolating form ``(1 - w) table[lo] + w table[hi]``: on grid points ``w = 0`` makes it exactly
         ``table[lo]``, and no value is read back to the host, so a GPU never waits here and a compiled model sees
-        the same graph for every timestep. ``position`` is a precomputed ``grid_position(self.timesteps, t)``
-        (:func:`qat.set_timestep` computes it once for all quantizers that share a grid).
+        the same graph for every timestep. ``position`` is a precomputed ``grid_position(self.timesteps, t)`` and
+        ``weights`` its :func:`interpolation_weights` (:func:`qat.set_timestep` computes both once for all
+        quantizers that share a grid).
         """
-        self._lo, self._hi, self._w = position if position is not None else grid_position(self.timesteps,
-                                                                                           torch.as_tensor(t))
+        if position is None:
+            position = grid_position(self.timesteps, torch.as_tensor(t))
+        self._lo, self._hi, self._w = position
+        self._coef = weights if weights is not None else interpolation_weights(position, self.config.num_timesteps)
 
     @property
     def grid_key(self) -> tuple[float, ...]:
@@ -140,7 +161,7 @@ class TemporalLSQQuantizer(LSQQuantizer):
 
     def clear_timestep(self) -> None:
         """Forgets the timestep; the next forward raises until one is set."""
-        self._lo, self._hi, self._w = None, None, None
+        self._lo, self._hi, self._w, self._coef = None, None, None, None
 
     @torch.no_grad()
     def set_grid(self, timesteps: Tensor) -> None:
@@ -157,12 +178,13 @@ class TemporalLSQQuantizer(LSQQuantizer):
 
     # -- FakeQuantizer hooks --------------------------------------------------------------------------------------
     def _rows_for(self, table: Tensor, x: Tensor) -> Tensor:
-        if self._w is None:
+        if self._coef is None:
             rows = table[self._lo]
         else:
-            w = self._w.reshape(tuple(self._w.shape) + (1,) * len(self.param_shape)).to(table.dtype)
-            # lerp: one kernel instead of four; lo + w (hi - lo) is exactly table[lo] at w == 0 (grid points)
-            rows = torch.lerp(table[self._lo], table[self._hi], w)
+            # sum_j c_j table[j] over the T rows: (T, P) -> (P,) or (B, T, P) -> (B, P); exactly table[lo] on grid
+            # points (weights 1 and 0). An elementwise product and a sum, not a matmul: TF32 would round the steps.
+            coef, flat = self._coef.to(table.dtype), table.reshape(table.shape[0], -1)
+            rows = (coef.unsqueeze(-1) * flat).sum(-2).reshape(tuple(coef.shape[:-1]) + tuple(self.param_shape))
         if rows.dim() > len(self.param_shape) and rows.shape[0] != x.shape[0]:
             b = rows.shape[0]
             if x.shape[0] % b:

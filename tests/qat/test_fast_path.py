@@ -15,6 +15,7 @@ from qat_testutils import ddim_timesteps, tiny_unet_cond
 
 import qat
 from qat.methods.efficientdm import EfficientDMConfig, build_student
+from qat.nn.layers import QuantConv2d, QuantLinear
 from qat.quantizers import FakeQuantizer
 
 
@@ -80,7 +81,7 @@ def test_compiled_student_equals_eager_and_compiles_once_for_all_timesteps(stude
 
 def test_regionally_compiled_student_equals_eager(student) -> None:
     """``performance.compile_blocks``: the repeated blocks compiled one by one (aot_eager), the rest eager."""
-    from train.families import compile_repeated_blocks
+    from train.families import compile_repeated_blocks, family_of
 
     model, fwd, make_batch, grid = student
     batches = [make_batch(grid[torch.tensor(rows)]) for rows in ([0, 3, 3, 9], [5, 5, 5, 5])]
@@ -88,7 +89,14 @@ def test_regionally_compiled_student_equals_eager(student) -> None:
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     n = compile_repeated_blocks(model, backend="aot_eager")
-    assert n == sum(type(m).__name__ in ("ResnetBlock2D", "BasicTransformerBlock") for m in model.modules()) > 0
+    regions = [name for name, m in model.named_modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert len(regions) == n > 0 and not any(a != b and b.startswith(a + ".") for a in regions for b in regions)
+    assert set(family_of(model).repeated_blocks) >= {"ResnetBlock2D", "Transformer2DModel"}
+    # every quantized layer of the down / mid / up blocks is inside a compiled region (eager layers cost host time)
+    quantized = [name for name, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+    inside = [q for q in quantized if any(q.startswith(r + ".") for r in regions)]
+    in_blocks = [q for q in quantized if q.split(".")[0] in ("down_blocks", "mid_block", "up_blocks")]
+    assert in_blocks and all(q in inside for q in in_blocks)
     for b, ref in zip(batches, eager):
         _assert_same(_loss_and_grads(model, model, fwd, b), ref)
     assert 0 < torch._dynamo.utils.counters["stats"]["unique_graphs"] <= n  # blocks compiled, shared where alike
@@ -112,6 +120,24 @@ def test_compiled_kernels_give_the_eager_student(student) -> None:
     assert torch.equal(kernels[0], eager[0])
     _assert_same(kernels, eager)
     assert _loss_and_grads(model, model, fwd, batch)[0].equal(eager[0])  # switched off again: the eager path
+
+
+def test_compiled_kernels_serve_every_weight_shape_with_one_graph() -> None:
+    """Weights are parameters, whose shapes dynamo keeps static: passed as such, every layer's weight shape compiled
+    a graph of its own and the LDM-4 student hit the recompile limit (then ran eagerly). One graph serves them all."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    qat.ste.use_compiled_kernels(True)
+    try:
+        with torch.no_grad():
+            for rows, cols in ((8, 4), (16, 4), (6, 10), (12, 3)):
+                w = torch.nn.Parameter(torch.randn(rows, cols))
+                step, zero = torch.nn.Parameter(torch.full((rows, 1), 0.1)), torch.zeros(rows, 1)
+                out = qat.ste.fake_quantize_forward(w, step, zero, -8, 7)
+                assert torch.equal(out, qat.ste._fq_value(w, step, zero, None, -8, 7))
+    finally:
+        qat.ste.use_compiled_kernels(False)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
 @pytest.mark.parametrize("autocast", [False, True])
