@@ -29,9 +29,10 @@ else
 fi
 fast_steps=$(( steps * 2 / fast_batch ))
 read -r lora_lr act_lr w_lr < <(python3 -c "
+import sys
 from train.config import load_config
-o = load_config(['config=$config']).optim
-print(o.lora_lr * $lr_mult, o.act_step_lr * $lr_mult, o.weight_step_lr * $lr_mult)")
+o = load_config(sys.argv[1:]).optim
+print(o.lora_lr * $lr_mult, o.act_step_lr * $lr_mult, o.weight_step_lr * $lr_mult)" config="$config" "${teacher_arg[@]}")
 common=(config="$config" "${teacher_arg[@]}" trainer.enable_progress_bar=false trainer.log_every_n_steps=1
   export=false trajectories.num_steps="$num_steps" efficientdm.num_timesteps="$num_steps"
   eval.num_steps="$num_steps" eval.sampling_steps="$num_steps" eval.num_trajectories=4 eval.num_samples=16

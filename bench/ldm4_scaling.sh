@@ -6,6 +6,9 @@
 # per process x processes), scaling efficiency against 1 process of the same strategy, peak memory per GPU.
 # Each process walks trajectories.batch_size trajectories (2 by default, the paper's setting), so the global batch
 # grows with the process count (weak scaling). DeepSpeed needs `pip install deepspeed`.
+# Threads: a plain 1-process run uses all cores, while torchrun sets OMP_NUM_THREADS=1 for each of its processes,
+# which alone cost the 1-process run 25% (docs/results.md). THREADS=split gives every process nproc / n threads
+# (OMP_NUM_THREADS, honoured by torchrun), THREADS=<k> k threads; unset keeps the launchers' defaults.
 set -euo pipefail
 teacher=${TEACHER:-/tmp/ldm4-random}
 steps=${STEPS:-40}
@@ -20,6 +23,11 @@ for strategy in ${STRATEGIES:-ddp}; do
     log=$logs/ldm4-scaling-$strategy-$n.log
     rm -rf "$out"
     start=$(date +%s)
+    case ${THREADS:-} in
+      "") ;;
+      split) export OMP_NUM_THREADS=$(( $(nproc) / n > 0 ? $(nproc) / n : 1 )) ;;
+      *) export OMP_NUM_THREADS=$THREADS ;;
+    esac
     launcher=(timeout "${RUN_TIMEOUT:-1800}" python3)
     [ "$n" -gt 1 ] && launcher=(timeout "${RUN_TIMEOUT:-1800}" torchrun --nproc_per_node="$n" --master_port=$((29600 + n)))
     "${launcher[@]}" train.py config=efficientdm_ldm4.yaml teacher.path="$teacher" output_dir="$out" \

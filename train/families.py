@@ -116,7 +116,10 @@ def _need(context: Tensor | None, family: str, what: str) -> Tensor:
 class _UNet(Family):
     name = "unet"
     classes = ("UNet2DConditionModel", "UNet2DModel")
-    repeated_blocks = ("ResnetBlock2D", "BasicTransformerBlock")  # the ResNet blocks hold most quantized convs
+    # Every quantized layer of the down / mid / up blocks sits in one of these: the ResNet blocks hold most convs,
+    # Transformer2DModel its attention blocks and proj_in / proj_out; a layer left outside runs eagerly, at the
+    # eager step's host cost per layer (H200: W4A4 step 309 ms with BasicTransformerBlock regions, docs/performance.md)
+    repeated_blocks = ("ResnetBlock2D", "Transformer2DModel", "Downsample2D", "Upsample2D")
     text = TextConvention()  # Stable Diffusion: CLIP last hidden state, 77 tokens, no attention mask
 
 
@@ -310,8 +313,10 @@ def compile_repeated_blocks(model: nn.Module, **compile_kwargs: Any) -> int:
     ``repeated_blocks``), the rest eager; returns the number of blocks compiled.
 
     As diffusers' ``compile_repeated_blocks`` (which for UNets lists only the transformer blocks), with the ResNet
-    blocks added. Blocks of one class share compiled code, recompiled per shape and structure variant; dynamo's
-    recompile limit is raised so that no variant falls back to eager (a UNet has about twenty).
+    blocks and resamplers added and whole ``Transformer2DModel`` regions, so that only the stem and head layers
+    (``conv_in``, the time embedding, ``conv_out``) stay eager. Blocks of one class share compiled code, recompiled
+    per shape and structure variant; dynamo's recompile limit is raised so that no variant falls back to eager (a
+    UNet has about twenty).
     """
     import torch._dynamo
 

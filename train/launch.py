@@ -134,6 +134,12 @@ def apply_launcher(cfg: RunConfig, env: Mapping[str, str] = os.environ) -> list[
         if t.num_nodes not in (1, nodes):
             raise ConfigError(f"trainer.num_nodes: {t.num_nodes} but the launcher started {nodes} node(s); leave "
                               "trainer.num_nodes unset")
+        threads = (os.cpu_count() or 1) // max(local, 1)
+        if env.get("OMP_NUM_THREADS") == "1" and threads > 1:
+            # torchrun (and accelerate through it) sets 1 unless told otherwise; on a host-bound step it matters:
+            # a 1-process LDM-4 run took 25% longer with one thread than with all (docs/results.md)
+            notes.append(f"OMP_NUM_THREADS=1: each of the {local} processes per node uses one CPU thread; set "
+                         f"OMP_NUM_THREADS={threads} (cores / processes) before the launcher to use the node's cores")
         set_("devices", local, f"{launcher_name(env)}: processes per node")
         set_("num_nodes", nodes, f"{launcher_name(env)}: nodes")
         if local * nodes > 1 and t.strategy == "auto":

@@ -177,19 +177,28 @@ def _trajectories(teacher: Teacher, indices: list[int], num_steps: int, eta: flo
     cond, uncond = teacher.contexts(labels.to(device))
     out: dict[str, list[Tensor]] = {"x": [], "t": [], "labels": [], "eps_cond": [], "eps_uncond": []}
     quantizers = qat.temporal_quantizers(teacher.unet)
-    for t_val in sched.timesteps:
+    # The loop never waits for the GPU, so that teacher calls run back to back: the noise of every step is drawn
+    # up front (the same values: each trajectory has its own generator stream), and results go to the host by
+    # asynchronous copies (into pinned memory) with one synchronisation at the end.
+    noises = _draw_steps(gen_states, x.shape[1:], len(sched.timesteps)).to(device)
+    for k, t_val in enumerate(sched.timesteps):
         t = _batch_t(t_val, x.shape[0], device)
         eps, eps_c, eps_u = guided_eps(teacher.unet, x, t, cond, uncond, guidance, quantizers)
-        out["x"].append(x.float().cpu())
-        out["t"].append(t.cpu())
+        out["x"].append(_to_host(x.float()))
+        out["t"].append(_to_host(t))
         out["labels"].append(labels)
-        out["eps_cond"].append(eps_c.float().cpu())
+        out["eps_cond"].append(_to_host(eps_c.float()))
         if eps_u is not None:
-            out["eps_uncond"].append(eps_u.float().cpu())
-        # One generator per trajectory, so a trajectory is the same whatever shard or batch it is generated in.
-        noise, gen_states = _draw(gen_states, x.shape[1:])
-        x = _ddim_step(sched, eps.float(), t_val, x.float(), eta, noise.to(device))
+            out["eps_uncond"].append(_to_host(eps_u.float()))
+        x = _ddim_step(sched, eps.float(), t_val, x.float(), eta, noises[k])
+    if torch.device(device).type == "cuda":
+        torch.cuda.current_stream(device).synchronize()  # the asynchronous copies have landed
     return {k: torch.cat(v) for k, v in out.items() if v}
+
+
+def _to_host(t: Tensor) -> Tensor:
+    """An asynchronous device-to-host copy (the result is pinned memory; read it after a synchronisation)."""
+    return t.to("cpu", non_blocking=True)
 
 
 def _draw(states: list[Tensor], shape: torch.Size) -> tuple[Tensor, list[Tensor]]:
@@ -201,6 +210,15 @@ def _draw(states: list[Tensor], shape: torch.Size) -> tuple[Tensor, list[Tensor]
         noise.append(torch.randn((1, *shape), generator=gen))
         new_states.append(gen.get_state())
     return torch.cat(noise), new_states
+
+
+def _draw_steps(states: list[Tensor], shape: torch.Size, steps: int) -> Tensor:
+    """``steps`` successive :func:`_draw` calls at once: ``(steps, N, *shape)``, the same values."""
+    gen, noise = torch.Generator(), []
+    for state in states:
+        gen.set_state(state)
+        noise.append(torch.cat([torch.randn((1, *shape), generator=gen) for _ in range(steps)]))
+    return torch.stack(noise, dim=1)
 
 
 def _batch_t(t_val: Tensor, batch: int, device: torch.device | str) -> Tensor:

@@ -53,6 +53,19 @@ def test_launcher_settings_become_trainer_settings(env: dict, expected: dict) ->
     assert len(notes) == sum(1 for k, v in expected.items() if getattr(_cfg().trainer, k) != v)
 
 
+@pytest.mark.parametrize("omp, cpus, hint", [("1", 64, "OMP_NUM_THREADS=16"), ("16", 64, None), (None, 64, None),
+                                             ("1", 4, None)])
+def test_one_thread_per_process_is_pointed_out(omp: str | None, cpus: int, hint: str | None,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun's default of one CPU thread per process is named with the thread count to set instead."""
+    monkeypatch.setattr("os.cpu_count", lambda: cpus)
+    env = {"TORCHELASTIC_RUN_ID": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}
+    if omp is not None:
+        env["OMP_NUM_THREADS"] = omp
+    notes = [n for n in apply_launcher(_cfg(), env) if "OMP_NUM_THREADS" in n]
+    assert (notes == []) if hint is None else (len(notes) == 1 and hint in notes[0])
+
+
 def test_launcher_names() -> None:
     assert launcher_name(ACCEL) == "accelerate" and launcher_name({"LOCAL_WORLD_SIZE": "2"}) == "torchrun"
     assert launcher_name({"SLURM_NTASKS": "4"}) == "slurm" and launcher_name({}) == "python"

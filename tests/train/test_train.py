@@ -138,6 +138,23 @@ def test_trajectories_do_not_depend_on_process_count(tiny_teacher: Path, tmp_pat
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_cached_trajectories_equal_the_online_walk(tiny_teacher: Path, tmp_path: Path) -> None:
+    """The cache draws every step's noise up front and copies results once; the online walk draws step by step.
+    Both follow the same per-trajectory noise streams, so they must give the same states and predictions."""
+    from train.trajectories import OnlineTrajectories, _trajectories
+
+    cfg = load_config(["config=efficientdm_digits.yaml", *fast_overrides(tiny_teacher, tmp_path)])
+    teacher = load_teacher(cfg.teacher)
+    steps, batch = 4, 3
+    cached = _trajectories(teacher, list(range(batch)), steps, 1.0, 1.5, 7, "cpu")
+    online = OnlineTrajectories(teacher, steps, 1.0, 1.5, batch, 7)
+    walked = [online.next_batch("cpu") for _ in range(steps)]
+    assert torch.equal(cached["x"], torch.cat([b.x for b in walked]))
+    assert torch.equal(cached["eps_cond"], torch.cat([b.eps_cond for b in walked]))
+    assert torch.equal(cached["t"], torch.cat([b.t for b in walked]))
+    assert not torch.equal(walked[1].x, walked[2].x)  # the states really move (eta = 1 noise included)
+
+
 class _Killed(RuntimeError):
     pass
 
