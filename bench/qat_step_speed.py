@@ -1,6 +1,8 @@
 """The QAT training step and trajectory generation next to the FP LoRA reference, on one GPU (issue 8).
 
     python bench/qat_step_speed.py                        # LDM-4 layout (400.9M parameters), batch 32, bf16
+    python bench/qat_step_speed.py --modes blocks --rows fp,fused   # regional compilation (compile_blocks)
+    python bench/qat_step_speed.py --modes eager --profile          # + torch.profiler: host vs device, top kernels
     python bench/qat_step_speed.py --tiny --device cpu    # checks the script itself on a CPU (tiny UNet)
 
 Every row is the median of ``--steps`` timed steps after ``--warmup`` untimed ones (a compiled variant compiles
@@ -46,6 +48,7 @@ import qat  # noqa: E402
 from bench.make_random_ldm4 import ldm4_unet  # noqa: E402
 from qat.methods.efficientdm import EfficientDMConfig, build_student  # noqa: E402
 from qat.quantizers import FakeQuantizer  # noqa: E402
+from train.families import compile_repeated_blocks  # noqa: E402
 
 
 def tiny_unet() -> torch.nn.Module:
@@ -114,6 +117,27 @@ def print_saved_bytes(student: torch.nn.Module, call: Callable, t: torch.Tensor,
     set_flags(student, True, True)
 
 
+def print_profile(fn: Callable[[], None], label: str, cuda: bool, steps: int = 2) -> None:
+    """torch.profiler over ``steps`` calls of ``fn``: host time per step and the top kernels by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        host = (time.perf_counter() - t0) / steps  # the host's own time: launches are asynchronous
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    device_us = sum(e.self_device_time_total for e in events) if cuda else 0.0
+    kernels = sum(e.count for e in events if e.device_type.name == "CUDA") / steps
+    print(f"\n## profile: {label}: host {host * 1e3:.1f} ms / step (profiled), device busy "
+          f"{device_us / steps / 1e3:.1f} ms / step, {kernels:.0f} kernels / step\n")
+    for key in (["self_device_time_total"] if cuda else []) + ["self_cpu_time_total"]:
+        print(events.table(sort_by=key, row_limit=15, max_name_column_width=70), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=32)
@@ -123,9 +147,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--rows", default="teacher,fp,composite,fused,kernels,mixed,generation",
                         help="comma-separated subset of the rows")
-    parser.add_argument("--modes", default="compiled,eager")
+    parser.add_argument("--modes", default="compiled,eager",
+                        help="comma-separated: eager, compiled (whole model), blocks (each ResNet / transformer block "
+                             "compiled in place, as performance.compile_blocks; run it last)")
     parser.add_argument("--gen-steps", type=int, default=10, help="DDIM steps timed for trajectory generation")
     parser.add_argument("--budget-s", type=float, default=1e9, help="skip the remaining rows after this long")
+    parser.add_argument("--profile", action="store_true",
+                        help="after each row, torch.profiler over two more steps: the kernels that take the most "
+                             "device time and the host (CPU) time per step")
     parser.add_argument("--saved-bytes", action="store_true",
                         help="only count the bytes each variant saves for backward in one eager forward (any device; "
                              "the activation-memory part of the peak, without timing)")
@@ -198,12 +227,17 @@ def main() -> None:
         med = statistics.median(times)
         mem = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
         results[(row, mode)] = (med, mem)
-        compile_s = f"{warm_s:.0f}" if mode == "compiled" or "compiled kernels" in row else "-"
+        compile_s = f"{warm_s:.0f}" if mode != "eager" or "compiled kernels" in row else "-"
         print(f"| {row} | {mode} | {med * 1e3:.1f} | {b / med:.1f} | {mem:.1f} | {compile_s} |", flush=True)
+        if args.profile:
+            print_profile(fn, f"{row}, {mode}", cuda)
 
     def teacher_fn(mode: str) -> Callable[[], Callable[[], None]]:
         def make() -> Callable[[], None]:
             model = torch.compile(teacher_bf16) if mode == "compiled" else teacher_bf16
+            if mode == "blocks" and not getattr(teacher_bf16, "_bench_blocks", False):
+                compile_repeated_blocks(teacher_bf16)
+                teacher_bf16._bench_blocks = True
 
             def fn() -> None:
                 with torch.no_grad():
@@ -221,6 +255,9 @@ def main() -> None:
             model = student
             if mode == "compiled":
                 model = compiled_students.setdefault((quantized, fused), torch.compile(student))
+            elif mode == "blocks" and not getattr(student, "_bench_blocks", False):
+                compile_repeated_blocks(student)  # in place, once: later rows recompile after the dynamo reset
+                student._bench_blocks = True
             params = [p for p in student.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=1e-6, fused=cuda)
 
