@@ -178,7 +178,7 @@ def use_compiled_kernels(enabled: bool = True) -> None:
         import torch._dynamo
 
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        _COMPILED.update({k: torch.compile(fn, dynamic=True) for k, fn in _EAGER.items()})
+        _COMPILED.update({k: _with_plain_args(torch.compile(fn, dynamic=True)) for k, fn in _EAGER.items()})
     _USE_COMPILED = enabled
 
 
@@ -188,10 +188,9 @@ def _plain(a: object) -> object:
     return a.view_as(a) if isinstance(a, torch.nn.Parameter) else a
 
 
-def _compiled_call(name: str):  # noqa: ANN202
-    fn = _COMPILED[name]
+def _with_plain_args(fn):  # noqa: ANN001, ANN202
     return lambda *args: fn(*(_plain(a) for a in args))
 
 
 def _kernel(name: str):  # noqa: ANN202 - returns one of the two callables above
-    return _compiled_call(name) if _USE_COMPILED else _EAGER[name]
+    return _COMPILED[name] if _USE_COMPILED else _EAGER[name]
