@@ -129,11 +129,13 @@ class QuantizerTelemetry(L.Callback):
 class Preemption(L.Callback):
     """Saves ``last.ckpt`` and stops when the cluster announces the end of the job (SLURM ``--signal=USR1@T``).
 
-    The signal handler only sets a flag; at the end of the current step every process agrees on it (any rank that
-    received the signal counts), all save the checkpoint together (atomic: Lightning writes through an fsspec
-    transaction, a temporary file renamed into place), process 0 requeues the SLURM job (``scontrol requeue``), and
-    training stops. The requeued job runs the same command with ``resume=auto`` and continues from that step. This
-    replaces Lightning's own SLURM auto-requeue, whose ``hpc_ckpt_*.ckpt`` files ``resume=`` would not find.
+    The signal handler only sets a flag. At the end of every step the processes sum their flags in the background
+    (a gloo all-reduce on the host, read at the end of the next step, so that no step waits for the slowest rank
+    or for the GPU); one step after any rank received the signal, all save the checkpoint together (atomic:
+    Lightning writes through an fsspec transaction, a temporary file renamed into place), process 0 requeues the
+    SLURM job (``scontrol requeue``), and training stops. The requeued job runs the same command with
+    ``resume=auto`` and continues from that step. This replaces Lightning's own SLURM auto-requeue, whose
+    ``hpc_ckpt_*.ckpt`` files ``resume=`` would not find.
 
     Args:
         checkpoint: path of the checkpoint to write (the run's ``checkpoints/last.ckpt``).
@@ -148,6 +150,8 @@ class Preemption(L.Callback):
         self.received = False
         self.preempted = False
         self._previous: dict[int, Any] = {}
+        self._group: Any = None  # a gloo process group for the flags (several processes only)
+        self._pending: tuple[Any, Tensor] | None = None  # the all-reduce in flight and its flag tensor
 
     def _handler(self, signum: int, frame: Any) -> None:
         self.received = True
@@ -157,9 +161,25 @@ class Preemption(L.Callback):
 
         for sig in self.signals:
             self._previous[sig] = _signal.signal(sig, self._handler)
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            self._group = torch.distributed.new_group(backend="gloo")  # collective: every rank creates it
+
+    def agreed(self) -> bool:
+        """Whether some process had received the signal by the end of the previous call (every process calls
+        once per step and gets the same answer at the same step); with one process, whether this one has."""
+        if self._group is None:
+            return self.received
+        decided = False
+        if self._pending is not None:
+            work, flag = self._pending
+            work.wait()  # issued a whole step ago: done unless another rank is a step behind
+            decided = bool(flag.item() > 0)
+        flag = torch.tensor([int(self.received)])
+        self._pending = (torch.distributed.all_reduce(flag, group=self._group, async_op=True), flag)
+        return decided
 
     def on_train_batch_end(self, trainer: L.Trainer, module: Any, *args: Any) -> None:
-        if not trainer.strategy.reduce_boolean_decision(self.received, all=False):
+        if not self.agreed():
             return
         trainer.save_checkpoint(self.checkpoint)
         self.preempted = True
@@ -186,3 +206,9 @@ class Preemption(L.Callback):
         for sig, previous in self._previous.items():
             _signal.signal(sig, previous)
         self._previous.clear()
+        if self._pending is not None:  # every rank issued the same all-reduces: the last one completes
+            self._pending[0].wait()
+            self._pending = None
+        if self._group is not None:
+            torch.distributed.destroy_process_group(self._group)
+            self._group = None

@@ -18,10 +18,12 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import Tensor, nn
 
 import qat
 from train.config import OptimConfig
+from train.families import model_dtype
 from train.teacher import Teacher, denoise
 from train.trajectories import CachedTrajectories, OnlineTrajectories, TrajectoryBatch
 
@@ -58,6 +60,7 @@ class DistillQATSystem(L.LightningModule):
         self.timestep_buckets = timestep_buckets
         self.automatic_optimization = True
         self._t0: float | None = None
+        self._loss: Tensor | None = None  # this step's loss, named when the step stops on non-finite gradients
         self._temporal = qat.temporal_quantizers(student)  # walked once, not on every step
 
     # -- training ---------------------------------------------------------------------------------------------------
@@ -73,7 +76,8 @@ class DistillQATSystem(L.LightningModule):
 
     def student_loss(self, batch: TrajectoryBatch) -> tuple[Tensor, Tensor]:
         """Mean loss and per-sample loss ``(B,)`` of the student on ``batch``."""
-        x, t = batch.x, batch.t
+        # DeepSpeed's bf16 casts the parameters themselves (no autocast): inputs follow the student's dtype
+        x, t = batch.x.to(model_dtype(self.student)), batch.t
         if batch.cond is None:
             with qat.timestep(self.student, t, self._temporal):
                 pred = denoise(self.student, x, t, None)
@@ -107,19 +111,23 @@ class DistillQATSystem(L.LightningModule):
         for name, term in self.extra_losses(batch).items():
             self.log(f"train/{name}", term, batch_size=batch.x.shape[0])
             loss = loss + term
-        # every process takes the decision, so that no rank is left waiting in the gradient all-reduce
-        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
-            raise FloatingPointError(f"non-finite loss {loss.item()} (here or on another process) at global step "
-                                     f"{self.global_step}; the last "
-                                     "good checkpoint is kept in the run's checkpoints/ directory")
+        self._loss = loss.detach()
+        if not self._grads_agree():
+            # Every process takes the decision, so that no rank is left waiting in the gradient all-reduce: a
+            # collective (and a wait for the forward) in the middle of the step. DDP and one device check the
+            # all-reduced gradients instead (on_before_optimizer_step), which every rank holds identically.
+            if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
+                self._stop_non_finite("loss", loss)
         bs = batch.x.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         edges = torch.linspace(0, self.num_train_timesteps, self.timestep_buckets + 1)
+        t_host = batch.t.cpu()  # one copy (and wait for the GPU) per step, not two per bucket
         for i in range(self.timestep_buckets):
-            mask = (batch.t.cpu() >= edges[i]) & (batch.t.cpu() < edges[i + 1])
+            mask = (t_host >= edges[i]) & (t_host < edges[i + 1])
             if mask.any():
                 name = f"train_loss_by_t/{int(edges[i]):04d}-{int(edges[i + 1]) - 1:04d}"
-                self.log(name, per.detach()[mask.to(per.device)].mean(), batch_size=int(mask.sum()))
+                n = int(mask.sum())  # a masked mean: boolean indexing on the GPU would wait for it (nonzero)
+                self.log(name, (per.detach() * mask.to(per.device, per.dtype)).sum() / n, batch_size=n)
         now = time.perf_counter()
         if self._t0 is not None:
             # per process; the global rate is this times the number of processes
@@ -143,6 +151,22 @@ class DistillQATSystem(L.LightningModule):
         if grads:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
             self.log("train/grad_norm", norm, batch_size=1)
+            # A non-finite loss on any process makes the all-reduced gradients non-finite on every process.
+            if self._grads_agree() and not bool(torch.isfinite(norm)):
+                self._stop_non_finite("gradient norm", norm)
+
+    def _grads_agree(self) -> bool:
+        """Whether every process holds the same full gradients before the optimizer step (DDP, one device):
+        then a finiteness check of them needs no collective. DeepSpeed keeps its own partitioned gradients."""
+        strategy = self.trainer.strategy
+        return type(strategy) in (DDPStrategy, SingleDeviceStrategy)
+
+    def _stop_non_finite(self, what: str, value: Tensor) -> None:
+        loss = self._loss
+        here = "" if what == "loss" or loss is None else f" (loss here {loss.item()})"
+        raise FloatingPointError(f"non-finite {what} {value.item()}{here} at global step {self.global_step}: a "
+                                 "non-finite loss here or on another process; the last good checkpoint is kept in "
+                                 "the run's checkpoints/ directory")
 
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.optim_cfg

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
+import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -13,6 +17,7 @@ from safetensors.torch import load_file
 
 from tests.train.conftest import fast_overrides
 from tests.train.test_launchers import _bin, _run
+from train.callbacks import Preemption
 from train.cli import main
 from train.config import ConfigError, load_config
 from train.launch import apply_launcher, deepspeed_kwargs, launcher_name, trainer_kwargs
@@ -246,8 +251,67 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tiny_tea
         return (loss * float("nan"), per) if self.global_step == 3 else (loss, per)
 
     monkeypatch.setattr(DistillQATSystem, "student_loss", nan_at_step_3)
-    with pytest.raises(FloatingPointError, match="non-finite loss nan .*global step 3"):
+    with pytest.raises(FloatingPointError, match=r"non-finite gradient norm nan \(loss here nan\) at global step 3"):
         main(["config=efficientdm_digits.yaml", *fast_overrides(tiny_teacher, tmp_path / "r", steps=6)])
     ckpt = torch.load(tmp_path / "r" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 3  # the last good step
     assert all(torch.isfinite(v).all() for k, v in ckpt["state_dict"].items() if v.is_floating_point())
+
+
+_NAN_ON_RANK_1 = """
+import sys
+from train.callbacks import Preemption
+from train.cli import main
+from train.system import DistillQATSystem
+
+original = DistillQATSystem.student_loss
+
+def nan_on_rank_1_at_step_3(self, batch):
+    loss, per = original(self, batch)
+    return (loss * float("nan"), per) if self.global_step == 3 and self.global_rank == 1 else (loss, per)
+
+DistillQATSystem.student_loss = nan_on_rank_1_at_step_3
+main(sys.argv[1:])
+"""
+
+
+def test_non_finite_loss_on_one_process_stops_every_process_at_that_step(tiny_teacher: Path, tmp_path: Path) -> None:
+    """DDP checks the all-reduced gradients (no collective of its own): rank 1's NaN stops rank 0 too."""
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(_NAN_ON_RANK_1)
+    args = ["config=efficientdm_digits.yaml", "export=false", "trainer.devices=auto",
+            *fast_overrides(tiny_teacher, tmp_path / "r", steps=6)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([_bin("torchrun"), "--nproc_per_node=2", "--master_port=29536", str(script), *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "non-finite gradient norm nan (loss here nan) at global step 3" in out  # rank 1
+    assert re.search(r"non-finite gradient norm nan \(loss here \d[^)]*\) at global step 3", out)  # rank 0
+    ckpt = torch.load(tmp_path / "r" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 3
+
+
+def _agreement_worker(rank: int, port: int, out_dir: str) -> None:
+    """One of 2 gloo processes: rank 1 receives the signal before its step 2; records every step's decision."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    callback = Preemption("unused.ckpt", signals=())
+    trainer = SimpleNamespace(world_size=2)
+    callback.on_train_start(trainer, None)
+    decisions = []
+    for step in range(6):
+        if rank == 1 and step == 2:
+            callback.received = True
+        decisions.append(callback.agreed())
+    callback.on_train_end(trainer, None)
+    dist.destroy_process_group()
+    Path(out_dir, f"{rank}.json").write_text(json.dumps(decisions))
+
+
+def test_preemption_is_agreed_by_every_process_one_step_later(tmp_path: Path) -> None:
+    torch.multiprocessing.spawn(_agreement_worker, args=(29537, str(tmp_path)), nprocs=2)
+    decisions = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    assert decisions[0] == decisions[1] == [False, False, False, True, True, True]
