@@ -175,30 +175,37 @@ def _trajectories(teacher: Teacher, indices: list[int], num_steps: int, eta: flo
     x = torch.cat([s[1] for s in starts]).to(device)
     gen_states = [s[2] for s in starts]
     cond, uncond = teacher.contexts(labels.to(device))
-    out: dict[str, list[Tensor]] = {"x": [], "t": [], "labels": [], "eps_cond": [], "eps_uncond": []}
     quantizers = qat.temporal_quantizers(teacher.unet)
-    # The loop never waits for the GPU, so that teacher calls run back to back: the noise of every step is drawn
-    # up front (the same values: each trajectory has its own generator stream), and results go to the host by
-    # asynchronous copies (into pinned memory) with one synchronisation at the end.
-    noises = _draw_steps(gen_states, x.shape[1:], len(sched.timesteps)).to(device)
+    # The loop never waits for the GPU, so that teacher calls run back to back while the host prepares the next
+    # step: each step's noise is drawn on the host during the previous teacher call and sent from pinned memory,
+    # and results go straight into preallocated pinned host tensors by asynchronous copies; one synchronisation
+    # at the end. (Drawing all noise first, or concatenating the results after, leaves the GPU idle meanwhile.)
+    pinned = torch.device(device).type == "cuda"
+    n, steps = len(indices), len(sched.timesteps)
+    t_dtype = torch.long if not sched.timesteps.is_floating_point() else torch.float32
+
+    def host(*shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        return torch.empty((steps * n, *shape), dtype=dtype, pin_memory=pinned)
+
+    out = {"x": host(*x.shape[1:]), "t": host(dtype=t_dtype), "eps_cond": host(*x.shape[1:])}
+    if cond is not None:
+        out["eps_uncond"] = host(*x.shape[1:])
     for k, t_val in enumerate(sched.timesteps):
-        t = _batch_t(t_val, x.shape[0], device)
+        noise, gen_states = _draw(gen_states, x.shape[1:])
+        noise = noise.pin_memory().to(device, non_blocking=True) if pinned else noise.to(device)
+        t = _batch_t(t_val, n, device)
         eps, eps_c, eps_u = guided_eps(teacher.unet, x, t, cond, uncond, guidance, quantizers)
-        out["x"].append(_to_host(x.float()))
-        out["t"].append(_to_host(t))
-        out["labels"].append(labels)
-        out["eps_cond"].append(_to_host(eps_c.float()))
+        rows = slice(k * n, (k + 1) * n)
+        out["x"][rows].copy_(x.float(), non_blocking=pinned)
+        out["t"][rows].copy_(t, non_blocking=pinned)
+        out["eps_cond"][rows].copy_(eps_c.float(), non_blocking=pinned)
         if eps_u is not None:
-            out["eps_uncond"].append(_to_host(eps_u.float()))
-        x = _ddim_step(sched, eps.float(), t_val, x.float(), eta, noises[k])
-    if torch.device(device).type == "cuda":
+            out["eps_uncond"][rows].copy_(eps_u.float(), non_blocking=pinned)
+        x = _ddim_step(sched, eps.float(), t_val, x.float(), eta, noise)
+    if pinned:
         torch.cuda.current_stream(device).synchronize()  # the asynchronous copies have landed
-    return {k: torch.cat(v) for k, v in out.items() if v}
-
-
-def _to_host(t: Tensor) -> Tensor:
-    """An asynchronous device-to-host copy (the result is pinned memory; read it after a synchronisation)."""
-    return t.to("cpu", non_blocking=True)
+    out["labels"] = labels.repeat(steps)
+    return out
 
 
 def _draw(states: list[Tensor], shape: torch.Size) -> tuple[Tensor, list[Tensor]]:
@@ -210,15 +217,6 @@ def _draw(states: list[Tensor], shape: torch.Size) -> tuple[Tensor, list[Tensor]
         noise.append(torch.randn((1, *shape), generator=gen))
         new_states.append(gen.get_state())
     return torch.cat(noise), new_states
-
-
-def _draw_steps(states: list[Tensor], shape: torch.Size, steps: int) -> Tensor:
-    """``steps`` successive :func:`_draw` calls at once: ``(steps, N, *shape)``, the same values."""
-    gen, noise = torch.Generator(), []
-    for state in states:
-        gen.set_state(state)
-        noise.append(torch.cat([torch.randn((1, *shape), generator=gen) for _ in range(steps)]))
-    return torch.stack(noise, dim=1)
 
 
 def _batch_t(t_val: Tensor, batch: int, device: torch.device | str) -> Tensor:
