@@ -101,6 +101,7 @@ def apply_performance(cfg: RunConfig, student: torch.nn.Module, teacher: Teacher
             compile_repeated_blocks(student, backend=p.compile_backend)
         else:
             student.compile(backend=p.compile_backend)
+    if p.compile if p.compile_teacher is None else p.compile_teacher:
         teacher.unet.compile(backend=p.compile_backend)
 
 

@@ -211,6 +211,8 @@ class PerformanceConfig:
         compile_blocks: with ``compile``, compile the student's repeated blocks one by one (ResNet and transformer
             blocks; regional compilation) instead of the whole model: the compile time grows with the distinct
             block shapes, not with the depth (tested equal to eager); the teacher is still compiled whole.
+        compile_teacher: compile the teacher (in place); unset: as ``compile``. ``compile=false
+            compile_teacher=true`` keeps the student eager (no minutes of compilation) and the teacher fast.
     """
 
     compile: bool = False
@@ -218,6 +220,7 @@ class PerformanceConfig:
     fused_fake_quant: bool = True
     compile_kernels: bool = False
     compile_blocks: bool = False
+    compile_teacher: bool | None = None
 
 
 @dataclass

@@ -52,3 +52,32 @@ def test_performance_keys_switch_the_quantizer_paths() -> None:
     finally:
         FakeQuantizer.fused = True
         qat.ste.use_compiled_kernels(False)
+
+
+def test_the_teacher_compiles_alone_when_asked() -> None:
+    """``compile_teacher`` follows ``compile`` unless set."""
+    from types import SimpleNamespace
+
+    from train.cli import apply_performance
+    from train.config import load_config
+
+    calls: list[str] = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        def compile(self, **kwargs: object) -> None:  # records instead of compiling
+            calls.append(self.name)
+
+    def run(*overrides: str) -> list[str]:
+        calls.clear()
+        cfg = load_config(["config=efficientdm_digits.yaml", *overrides])
+        apply_performance(cfg, Recorder("student"), SimpleNamespace(unet=Recorder("teacher")))
+        return list(calls)
+
+    assert run() == []
+    assert run("performance.compile_teacher=true") == ["teacher"]
+    assert run("performance.compile=true") == ["student", "teacher"]
+    assert run("performance.compile=true", "performance.compile_teacher=false") == ["student"]
