@@ -20,7 +20,9 @@ during its warm-up; its compile time is printed apart), with the peak memory all
   math compiled into one kernel per quantizer and pass; the model eager; only with ``--modes`` containing eager).
 * ``... mixed timesteps``: every sample of the batch at its own timestep (per-sample temporal steps).
 * ``trajectory generation``: :func:`train.trajectories._trajectories` (DDIM, eta 1, CFG 1.5: ``B / 2``
-  trajectories, so every teacher call has batch ``B``), per teacher call, against the compiled teacher forward.
+  trajectories, so every teacher call has batch ``B``), per teacher call, against the compiled teacher forward;
+  one row per ``--gen-modes`` compile mode of the teacher (``reduce-overhead``: CUDA graphs), each checked
+  against the first on the same three steps.
 
 All steps use bf16 autocast, a fused AdamW on CUDA and the same inputs; the FP and W4A4 steps share one student
 (flags switched between rows) and each row builds its own optimizer. Ratios at the end: QAT / FP LoRA throughput
@@ -151,6 +153,9 @@ def main() -> None:
                         help="comma-separated: eager, compiled (whole model), blocks (each ResNet / transformer block "
                              "compiled in place, as performance.compile_blocks; run it last)")
     parser.add_argument("--gen-steps", type=int, default=10, help="DDIM steps timed for trajectory generation")
+    parser.add_argument("--gen-modes", default="default",
+                        help="comma-separated torch.compile modes of the teacher for the generation rows, e.g. "
+                             "default,reduce-overhead (CUDA graphs; docs/performance.md: no gain measured)")
     parser.add_argument("--budget-s", type=float, default=1e9, help="skip the remaining rows after this long")
     parser.add_argument("--profile", action="store_true",
                         help="after each row, torch.profiler over two more steps: the kernels that take the most "
@@ -271,7 +276,8 @@ def main() -> None:
         return make
 
     def measure_generation() -> None:
-        """Teacher DDIM + CFG trajectories (train.trajectories), per teacher call, with the teacher compiled."""
+        """Teacher DDIM + CFG trajectories (train.trajectories), per teacher call, with the teacher compiled in
+        each of ``--gen-modes``; later modes are checked against the first."""
         if time.time() - start > args.budget_s:
             print("| trajectory generation | compiled | skipped (--budget-s) | | | |", flush=True)
             return
@@ -279,23 +285,32 @@ def main() -> None:
         from train.teacher import Teacher
         from train.trajectories import _trajectories
 
-        torch._dynamo.reset()
-        teacher_bf16.compile()  # in place, as the trainer compiles: the module keeps its class
         embedder = ClassEmbedder(num_classes=1000, embed_dim=512).to(device)
         tch = Teacher(unet=teacher_bf16, scheduler=ddim, conditioning="class", class_embedder=embedder)
-        steps = args.gen_steps
-        _trajectories(tch, list(range(b // 2)), 2, 1.0, 1.5, 0, device)  # compile + warm-up
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        _trajectories(tch, list(range(b // 2)), steps, 1.0, 1.5, 0, device)
-        if cuda:
-            torch.cuda.synchronize()
-        per_call = (time.perf_counter() - t0) / steps
-        results[("trajectory generation", "compiled")] = (per_call, float("nan"))
-        print(f"| trajectory generation (per teacher call, batch {b}) | compiled | {per_call * 1e3:.1f} | "
-              f"{b / per_call:.1f} | - | - |", flush=True)
-
+        steps, first = args.gen_steps, None
+        for gen_mode in args.gen_modes.split(","):
+            torch._dynamo.reset()
+            teacher_bf16.compile(mode=gen_mode)  # in place, as the trainer compiles: the module keeps its class
+            walk = _trajectories(tch, list(range(b // 2)), 3, 1.0, 1.5, 0, device)  # compile + warm-up
+            if first is None:
+                first, agree = walk, "reference"
+            else:  # the same 3 DDIM steps: equal up to bf16 kernel choices
+                worst = max(float((walk[k] - first[k]).abs().max()) for k in ("x", "eps_cond"))
+                agree = f"max abs diff vs {args.gen_modes.split(',')[0]}: {worst:.2e}"
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            _trajectories(tch, list(range(b // 2)), steps, 1.0, 1.5, 0, device)
+            if cuda:
+                torch.cuda.synchronize()
+            per_call = (time.perf_counter() - t0) / steps
+            row = "trajectory generation" if gen_mode == "default" else f"trajectory generation, {gen_mode}"
+            results[(row, "compiled")] = (per_call, float("nan"))
+            print(f"| {row} (per teacher call, batch {b}; {agree}) | compiled | {per_call * 1e3:.1f} | "
+                  f"{b / per_call:.1f} | - | - |", flush=True)
+            if args.profile:  # one call of 4 DDIM steps: divide the per-step figures by 4
+                print_profile(lambda: _trajectories(tch, list(range(b // 2)), 4, 1.0, 1.5, 0, device),
+                              f"{row}, one call of 4 teacher calls", cuda, steps=1)
 
     # Most important first (a --budget-s cut drops the tail): compiled FP vs fused QAT, mixed timesteps (same
     # compiled graph: the per-sample step lookup is the same code for both), then eager rows, then the old path.
@@ -343,8 +358,10 @@ def main() -> None:
         ratio("composite-STE QAT / FP LoRA peak memory", mode, ("W4A4 step, composite STE", mode), fp, 1, "(before)")
         ratio("mixed / single timestep step time", mode, ("W4A4 step, fused STE, mixed timesteps", mode), fused, 0,
               "<= 1.03")
-    ratio("generation / compiled forward throughput", "compiled", ("teacher forward", "compiled"),
-          ("trajectory generation", "compiled"), 0, ">= 0.9")
+    for gen_mode in args.gen_modes.split(","):
+        row = "trajectory generation" if gen_mode == "default" else f"trajectory generation, {gen_mode}"
+        ratio(f"{row} / compiled forward throughput", "compiled", ("teacher forward", "compiled"),
+              (row, "compiled"), 0, ">= 0.9")
     print(f"\n# total {time.time() - start:.0f} s; host {os.cpu_count()} CPUs")
 
 
