@@ -260,7 +260,6 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tiny_tea
 
 _NAN_ON_RANK_1 = """
 import sys
-from train.callbacks import Preemption
 from train.cli import main
 from train.system import DistillQATSystem
 
