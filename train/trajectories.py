@@ -191,6 +191,7 @@ def _trajectories(teacher: Teacher, indices: list[int], num_steps: int, eta: flo
     if cond is not None:
         out["eps_uncond"] = host(*x.shape[1:])
     for k, t_val in enumerate(sched.timesteps):
+        # One generator per trajectory, so a trajectory is the same whatever shard or batch it is generated in.
         noise, gen_states = _draw(gen_states, x.shape[1:])
         noise = noise.pin_memory().to(device, non_blocking=True) if pinned else noise.to(device)
         t = _batch_t(t_val, n, device)
