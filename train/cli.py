@@ -218,6 +218,8 @@ def main(argv: list[str] | None = None, callbacks: list[L.Callback] | None = Non
         ptq, ptq_samples = _ptq_start(cfg, evaluator, student, out, resumed=ckpt is not None)
         phases.done("FP and PTQ evaluated")
 
+    # Before the cache is generated: a compiled teacher (performance.compile / compile_teacher) generates it faster.
+    apply_performance(cfg, student, teacher)
     if tr.mode == "online":
         data: OnlineTrajectories | CachedTrajectories = OnlineTrajectories(
             teacher, tr.num_steps, tr.eta, tr.guidance_scale, tr.batch_size, tr.seed, rank, world)
@@ -227,8 +229,6 @@ def main(argv: list[str] | None = None, callbacks: list[L.Callback] | None = Non
                                   tr.seed, tr.num_trajectories, tr.shard_size, device, rank, world,
                                   progress=cfg.trainer.enable_progress_bar)
         data = CachedTrajectories(manifest, tr.batch_size, tr.seed, rank, world)
-
-    apply_performance(cfg, student, teacher)
     system = DistillQATSystem(teacher, student, data, cfg.optim, tr.guidance_scale, tr.loss_target,
                               int(teacher.scheduler.config.num_train_timesteps), cfg.monitor.timestep_buckets)
     m = cfg.monitor

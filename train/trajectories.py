@@ -287,9 +287,16 @@ def generate_cache(teacher: Teacher, teacher_path: str, cache_dir: str | Path, n
     num_shards = -(-num_trajectories // shard_size)
     mine = [s for s in range(rank, num_shards, world_size) if not _shard_path(cache_dir, s).exists()]
     bar = tqdm(mine, desc=f"trajectories (rank {rank})", disable=not progress)
+    compiled = getattr(teacher.unet, "_compiled_call_impl", None) is not None  # nn.Module.compile in place
     for shard in bar:
         indices = list(range(shard * shard_size, min((shard + 1) * shard_size, num_trajectories)))
-        tensors = _trajectories(teacher, indices, num_steps, eta, guidance, seed, device)
+        # A compiled teacher recompiles for a new batch size (about 45 s for LDM-4 on an H200): a short last shard
+        # is walked at the full size and the trajectories past the end are dropped. Each trajectory has its own
+        # noise streams, so the kept ones do not depend on their neighbours.
+        walk = list(range(shard * shard_size, (shard + 1) * shard_size)) if compiled else indices
+        tensors = _trajectories(teacher, walk, num_steps, eta, guidance, seed, device)
+        if len(walk) > len(indices):
+            tensors = {k: _first_trajectories(v, len(walk), len(indices)) for k, v in tensors.items()}
         tmp = _shard_path(cache_dir, shard).with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata={"trajectories": json.dumps(indices)})
         os.replace(tmp, _shard_path(cache_dir, shard))  # atomic: a shard file is complete or absent
@@ -304,6 +311,12 @@ def generate_cache(teacher: Teacher, teacher_path: str, cache_dir: str | Path, n
     while not mpath.exists():
         time.sleep(0.5)
     return mpath
+
+
+def _first_trajectories(rows: Tensor, walked: int, keep: int) -> Tensor:
+    """The rows of the first ``keep`` of ``walked`` trajectories in a step-major ``(steps * walked, ...)`` tensor."""
+    steps = rows.shape[0] // walked
+    return rows.reshape(steps, walked, *rows.shape[1:])[:, :keep].reshape(steps * keep, *rows.shape[1:]).contiguous()
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -81,3 +81,30 @@ def test_the_teacher_compiles_alone_when_asked() -> None:
     assert run("performance.compile_teacher=true") == ["teacher"]
     assert run("performance.compile=true") == ["student", "teacher"]
     assert run("performance.compile=true", "performance.compile_teacher=false") == ["student"]
+
+
+def test_the_trajectory_cache_is_generated_by_the_compiled_teacher(tiny_teacher: Path, tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    """Cached trajectories come from the teacher as ``performance`` compiles it (issue 8: generation at compiled
+    speed), not from the eager teacher that is compiled only afterwards."""
+    import pytest
+
+    import train.cli as cli
+
+    seen: list[bool] = []
+
+    class Generated(Exception):
+        pass
+
+    def generate_cache(teacher, *args, **kwargs):
+        seen.append(getattr(teacher.unet, "_compiled_call_impl", None) is not None)  # nn.Module.compile was called
+        raise Generated
+
+    monkeypatch.setattr(cli, "generate_cache", generate_cache)
+    try:
+        with pytest.raises(Generated):
+            main(["config=efficientdm_digits.yaml", "export=false", *fast_overrides(tiny_teacher, tmp_path, steps=2),
+                  "trajectories.mode=cached", "performance.compile_teacher=true", "eval.enabled=false"])
+    finally:
+        torch._dynamo.reset()
+    assert seen == [True]

@@ -138,8 +138,39 @@ def test_trajectories_do_not_depend_on_process_count(tiny_teacher: Path, tmp_pat
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_compiled_teacher_walks_the_short_last_shard_at_full_size(tiny_teacher: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiled teacher recompiles for every new batch size: the short last shard (3 trajectories in shards of 2)
+    is walked at the full size and the extra trajectory dropped, giving the eager teacher's cache."""
+    import train.trajectories as tj
+
+    cfg = load_config(["config=efficientdm_digits.yaml", *fast_overrides(tiny_teacher, tmp_path)])
+    teacher = load_teacher(cfg.teacher)
+    eager = tj.generate_cache(teacher, "t", tmp_path / "eager", 4, 1.0, 1.5, 0, 3, 2, "cpu", progress=False)
+    sizes: list[int] = []
+    walk = tj._trajectories
+
+    def recording(teacher: object, indices: list[int], *args: object) -> dict[str, torch.Tensor]:
+        sizes.append(len(indices))
+        return walk(teacher, indices, *args)
+
+    monkeypatch.setattr(tj, "_trajectories", recording)
+    teacher.unet.compile(backend="eager")
+    try:
+        compiled = tj.generate_cache(teacher, "t", tmp_path / "compiled", 4, 1.0, 1.5, 0, 3, 2, "cpu",
+                                     progress=False)
+    finally:
+        torch._dynamo.reset()
+    assert sizes == [2, 2]
+    for name in json.loads(eager.read_text())["shards"]:
+        a, b = load_file(str(eager.parent / name)), load_file(str(compiled.parent / name))
+        assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+        assert all(torch.allclose(a[k].double(), b[k].double(), atol=1e-5) for k in a)
+    assert load_file(str(compiled.parent / "shard-00001.safetensors"))["x"].shape[0] == 4  # 1 trajectory x 4 steps
+
+
 def test_cached_trajectories_equal_the_online_walk(tiny_teacher: Path, tmp_path: Path) -> None:
-    """The cache draws every step's noise up front and copies results once; the online walk draws step by step.
+    """The cache walks whole trajectories into preallocated host tensors; the online walk returns step by step.
     Both follow the same per-trajectory noise streams, so they must give the same states and predictions."""
     from train.trajectories import OnlineTrajectories, _trajectories
 
