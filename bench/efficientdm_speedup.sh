@@ -3,16 +3,20 @@
 # the same number of (x_t, t) samples, in one script; prints training time, throughput and held-out eps-MSE of both.
 #
 #   bash bench/efficientdm_speedup.sh                 # LDM-4 layout, random weights (bench/make_random_ldm4.py), GPU
-#   CONFIG=efficientdm_digits.yaml TEACHER= STEPS=40 FAST_BATCH=8 FAST_EXTRA="performance.compile_kernels=false" \
-#     bash bench/efficientdm_speedup.sh               # the same comparison on the embedded digits teacher (CPU check)
+#   CONFIG=efficientdm_digits.yaml TEACHER= STEPS=40 FAST_BATCH=8 FAST_EXTRA="performance.compile_kernels=false \
+#     performance.compile_teacher=false" bash bench/efficientdm_speedup.sh   # the digits teacher (CPU check)
 #
-# original: trainer.precision=32-true, eager, composite STE (performance.fused_fake_quant=false), 2 trajectories per
-#           update (the reference code's setting, issue 8's baseline), STEPS updates.
-# fast:     bf16 autocast, fused STE + compiled quantizer kernels (+ FAST_EXTRA overrides), FAST_BATCH trajectories
-#           per update, STEPS * 2 / FAST_BATCH updates (the same samples), learning rates x LR_MULT (fewer, larger
-#           updates).
+# original: trainer.precision=32-true, eager, composite STE (performance.fused_fake_quant=false), online trajectories,
+#           2 per update (the reference code's setting, issue 8's baseline), STEPS updates: 2 * STEPS samples.
+# fast:     bf16 autocast, fused STE + compiled quantizer kernels, compiled teacher (+ FAST_EXTRA overrides), the
+#           same samples in FAST_BATCH per update (2 * STEPS / FAST_BATCH updates), learning rates x LR_MULT.
+#           FAST_MODE=cached (default): the teacher first generates ceil(2 * STEPS / NUM_STEPS) whole trajectories
+#           into a cache, then each update takes FAST_BATCH shuffled (x_t, t) samples of mixed timesteps;
+#           FAST_MODE=online walks FAST_BATCH trajectories in lock step as the original (with few updates, these
+#           cover only the first timesteps of one trajectory batch).
 # Both use trajectories of NUM_STEPS DDIM steps (a shortened schedule: the paper walks 100-step trajectories for
-# 16,000 updates) and the same held-out trajectories for eps-MSE. Extra arguments go to both runs.
+# 16,000 updates) and the same held-out trajectories for eps-MSE. Time = trajectory generation (the cache) + training.
+# RUNS="original" or "fast" runs one of them (the table reads both from OUT_DIR). Extra arguments go to both runs.
 set -euo pipefail
 config=${CONFIG:-efficientdm_ldm4.yaml}
 teacher=${TEACHER-/tmp/ldm4-random}
@@ -20,6 +24,7 @@ num_steps=${NUM_STEPS:-20}
 steps=${STEPS:-200}
 fast_batch=${FAST_BATCH:-16}
 lr_mult=${LR_MULT:-4}
+fast_mode=${FAST_MODE:-cached}
 out=${OUT_DIR:-/tmp/efficientdm-speedup}
 if [ -n "$teacher" ]; then
   [ -d "$teacher/unet" ] || python3 bench/make_random_ldm4.py --output "$teacher"
@@ -28,6 +33,10 @@ else
   teacher_arg=()
 fi
 fast_steps=$(( steps * 2 / fast_batch ))
+fast_data=(trajectories.batch_size="$fast_batch")
+if [ "$fast_mode" = cached ]; then
+  fast_data+=(trajectories.mode=cached trajectories.num_trajectories=$(( (steps * 2 + num_steps - 1) / num_steps )))
+fi
 read -r lora_lr act_lr w_lr < <(python3 -c "
 import sys
 from train.config import load_config
@@ -46,11 +55,16 @@ run() {  # name, overrides...
     || { echo "$name FAILED (log: $out/$name.log)"; tail -20 "$out/$name.log"; exit 1; }
 }
 mkdir -p "$out"
-run original trainer.precision=32-true performance.fused_fake_quant=false performance.compile_kernels=false \
-  trajectories.batch_size=2 trainer.max_steps="$steps" "$@"
-run fast trainer.precision=bf16-mixed performance.fused_fake_quant=true performance.compile_kernels=true \
-  trajectories.batch_size="$fast_batch" trainer.max_steps="$fast_steps" optim.lora_lr="$lora_lr" \
-  optim.act_step_lr="$act_lr" optim.weight_step_lr="$w_lr" ${FAST_EXTRA:-} "$@"
+for name in ${RUNS:-original fast}; do
+  case $name in
+    original) run original trainer.precision=32-true performance.fused_fake_quant=false \
+                performance.compile_kernels=false trajectories.batch_size=2 trainer.max_steps="$steps" "$@" ;;
+    fast) run fast trainer.precision=bf16-mixed performance.fused_fake_quant=true performance.compile_kernels=true \
+            performance.compile_teacher=true "${fast_data[@]}" trainer.max_steps="$fast_steps" \
+            optim.lora_lr="$lora_lr" optim.act_step_lr="$act_lr" optim.weight_step_lr="$w_lr" ${FAST_EXTRA:-} "$@" ;;
+    *) echo "RUNS: original and/or fast, not $name"; exit 2 ;;
+  esac
+done
 python3 - "$out" "$steps" "$fast_steps" "$fast_batch" <<'PY'
 import json, re, statistics, sys
 from pathlib import Path
@@ -58,13 +72,15 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 out, steps, fast_steps, fast_batch = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 rows = {}
 for name, updates, batch in (("original", steps, 2), ("fast", fast_steps, fast_batch)):
-    train_s = float(re.search(r"\[diffqat\] training: ([0-9.]+) s", (out / f"{name}.log").read_text()).group(1))
+    log = (out / f"{name}.log").read_text()  # the cache's generation counts: it is part of the recipe's time
+    train_s = sum(float(re.search(rf"\[diffqat\] {phase}: ([0-9.]+) s", log).group(1))
+                  for phase in ("trajectories ready", "training"))
     acc = EventAccumulator(str(out / name / "tensorboard")); acc.Reload()
     rates = [e.value for e in acc.Scalars("perf/samples_per_s")]
     rate = statistics.median(rates[len(rates) // 4:])  # the last three quarters: past compilation and warm-up
     v = json.loads((out / name / "report.json").read_text())["variants"]
     rows[name] = (updates, batch, updates * batch, train_s, rate, v["ptq"]["eps_mse"], v["qat"]["eps_mse"])
-print("| configuration | updates | trajectories / update | (x_t, t) samples | training s | samples/s (steady) "
+print("| configuration | updates | samples / update | (x_t, t) samples | generation + training s | samples/s (steady) "
       "| eps-MSE PTQ | eps-MSE trained |\n|---|---|---|---|---|---|---|---|")
 for name, r in rows.items():
     print(f"| {name} | {r[0]} | {r[1]} | {r[2]} | {r[3]:.1f} | {r[4]:.2f} | {r[5]:.5g} | {r[6]:.5g} |")

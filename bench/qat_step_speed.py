@@ -68,6 +68,21 @@ class Timer:
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
 
+    def host(self, fn: Callable[[], None], steps: int) -> float:
+        """Median host time of one call started on an idle GPU: the Python, dispatch and launch work alone (the
+        launch queue does not fill in one call of up to ~1000 kernels). A step whose host time is close to its
+        step time is bound by the host, not by the GPU."""
+        times = []
+        for _ in range(steps):
+            if self.cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        if self.cuda:
+            torch.cuda.synchronize()
+        return statistics.median(times)
+
     def run(self, fn: Callable[[], None], steps: int) -> list[float]:
         if not self.cuda:
             times = []
@@ -156,6 +171,11 @@ def main() -> None:
     parser.add_argument("--gen-modes", default="default",
                         help="comma-separated torch.compile modes of the teacher for the generation rows, e.g. "
                              "default,reduce-overhead (CUDA graphs; docs/performance.md: no gain measured)")
+    parser.add_argument("--gen-repeats", type=int, default=3,
+                        help="generation calls, each timed after a timing of the compiled forward (paired ratios)")
+    parser.add_argument("--alternate", type=int, default=0,
+                        help="after the rows, time the FP LoRA and W4A4 steps in turns this many times each (median "
+                             "of --steps per turn); their ratio then uses the medians of the turns")
     parser.add_argument("--budget-s", type=float, default=1e9, help="skip the remaining rows after this long")
     parser.add_argument("--profile", action="store_true",
                         help="after each row, torch.profiler over two more steps: the kernels that take the most "
@@ -210,13 +230,15 @@ def main() -> None:
     print(f"# {torch.cuda.get_device_name(device) if cuda else 'CPU'}, torch {torch.__version__}, "
           f"{datetime.date.today()}, UNet {n_params / 1e6:.1f}M parameters, batch {b} of 3x{size}x{size}, "
           f"bf16 autocast\n# {' '.join(sys.argv)}", flush=True)
-    print("| row | mode | ms / step | samples/s | peak GiB | compile s |\n|---|---|---|---|---|---|", flush=True)
+    print("| row | mode | ms / step | samples/s | peak GiB | compile s | host ms / step |\n"
+          "|---|---|---|---|---|---|---|", flush=True)
     results: dict[tuple[str, str], tuple[float, float]] = {}
     timer = Timer(device)
+    made: dict[tuple[str, str], Callable[[], None]] = {}  # the step of each measured row, for --alternate
 
     def measure(row: str, mode: str, make_fn: Callable[[], Callable[[], None]], reset: bool = True) -> None:
         if time.time() - start > args.budget_s:
-            print(f"| {row} | {mode} | skipped (--budget-s) | | | |", flush=True)
+            print(f"| {row} | {mode} | skipped (--budget-s) | | | | |", flush=True)
             return
         if reset:  # each row compiles from scratch; ``reset=False`` reuses the previous row's graphs
             torch._dynamo.reset()
@@ -232,8 +254,11 @@ def main() -> None:
         med = statistics.median(times)
         mem = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
         results[(row, mode)] = (med, mem)
+        made[(row, mode)] = fn
         compile_s = f"{warm_s:.0f}" if mode != "eager" or "compiled kernels" in row else "-"
-        print(f"| {row} | {mode} | {med * 1e3:.1f} | {b / med:.1f} | {mem:.1f} | {compile_s} |", flush=True)
+        host = timer.host(fn, args.steps)
+        print(f"| {row} | {mode} | {med * 1e3:.1f} | {b / med:.1f} | {mem:.1f} | {compile_s} | {host * 1e3:.1f} |",
+              flush=True)
         if args.profile:
             print_profile(fn, f"{row}, {mode}", cuda)
 
@@ -272,6 +297,11 @@ def main() -> None:
                 F.mse_loss(out.float(), target).backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+
+            def activate() -> None:  # this row's flags again (--alternate switches between rows)
+                set_flags(student, quantized, fused)
+                qat.ste.use_compiled_kernels(kernels)
+            fn.activate = activate
             return fn
         return make
 
@@ -279,7 +309,7 @@ def main() -> None:
         """Teacher DDIM + CFG trajectories (train.trajectories), per teacher call, with the teacher compiled in
         each of ``--gen-modes``; later modes are checked against the first."""
         if time.time() - start > args.budget_s:
-            print("| trajectory generation | compiled | skipped (--budget-s) | | | |", flush=True)
+            print("| trajectory generation | compiled | skipped (--budget-s) | | | | |", flush=True)
             return
         from train.models import ClassEmbedder
         from train.teacher import Teacher
@@ -287,7 +317,7 @@ def main() -> None:
 
         embedder = ClassEmbedder(num_classes=1000, embed_dim=512).to(device)
         tch = Teacher(unet=teacher_bf16, scheduler=ddim, conditioning="class", class_embedder=embedder)
-        steps, first = args.gen_steps, None
+        steps, first, idx = args.gen_steps, None, list(range(b // 2))
         for gen_mode in args.gen_modes.split(","):
             torch._dynamo.reset()
             teacher_bf16.compile(mode=gen_mode)  # in place, as the trainer compiles: the module keeps its class
@@ -297,20 +327,39 @@ def main() -> None:
             else:  # the same 3 DDIM steps: equal up to bf16 kernel choices
                 worst = max(float((walk[k] - first[k]).abs().max()) for k in ("x", "eps_cond"))
                 agree = f"max abs diff vs {args.gen_modes.split(',')[0]}: {worst:.2e}"
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            _trajectories(tch, list(range(b // 2)), steps, 1.0, 1.5, 0, device)
-            if cuda:
-                torch.cuda.synchronize()
-            per_call = (time.perf_counter() - t0) / steps
+            # Warm-up at the timed size too: the pinned host buffers of a new size are allocated once (as over a
+            # cache's equal shards), not in every call.
+            _trajectories(tch, idx, steps, 1.0, 1.5, 0, device)
+
+            def forward() -> None:  # the same in-place compiled teacher at the generation's batch
+                with torch.no_grad():
+                    teacher_bf16(x.bfloat16(), t_single, encoder_hidden_states=ctx.bfloat16(), return_dict=False)
+
+            pairs = []  # (forward, generation per teacher call), alternated: the ratio of neighbouring timings
+            for _ in range(args.gen_repeats):
+                fwd = statistics.median(timer.run(forward, args.steps))
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                _trajectories(tch, idx, steps, 1.0, 1.5, 0, device)
+                if cuda:
+                    torch.cuda.synchronize()
+                pairs.append((fwd, (time.perf_counter() - t0) / steps))
+            fwd = statistics.median(p[0] for p in pairs)
+            per_call = statistics.median(p[1] for p in pairs)
+            host = timer.host(forward, args.steps)
             row = "trajectory generation" if gen_mode == "default" else f"trajectory generation, {gen_mode}"
             results[(row, "compiled")] = (per_call, float("nan"))
-            print(f"| {row} (per teacher call, batch {b}; {agree}) | compiled | {per_call * 1e3:.1f} | "
-                  f"{b / per_call:.1f} | - | - |", flush=True)
-            if args.profile:  # one call of 4 DDIM steps: divide the per-step figures by 4
-                print_profile(lambda: _trajectories(tch, list(range(b // 2)), 4, 1.0, 1.5, 0, device),
-                              f"{row}, one call of 4 teacher calls", cuda, steps=1)
+            results[(f"{row}: forward", "compiled")] = (fwd, float("nan"))
+            each = ", ".join(f"{f / g:.3f}" for f, g in pairs)
+            print(f"| teacher forward, alternating with the next row ({len(pairs)} x median of {args.steps}) | "
+                  f"compiled | {fwd * 1e3:.1f} | {b / fwd:.1f} | - | - | {host * 1e3:.1f} |", flush=True)
+            print(f"| {row} (per teacher call, batch {b}, {steps} steps; median of {len(pairs)} calls; forward / "
+                  f"generation each: {each}; {agree}) | compiled | {per_call * 1e3:.1f} | {b / per_call:.1f} | - | - "
+                  "| - |", flush=True)
+            if args.profile:  # one timed-size call: divide the per-step figures by the steps
+                print_profile(lambda: _trajectories(tch, idx, steps, 1.0, 1.5, 0, device),
+                              f"{row}, one call of {steps} teacher calls", cuda, steps=1)
 
     # Most important first (a --budget-s cut drops the tail): compiled FP vs fused QAT, mixed timesteps (same
     # compiled graph: the per-sample step lookup is the same code for both), then eager rows, then the old path.
@@ -337,8 +386,25 @@ def main() -> None:
             measure(row, mode, step_fn(mode, True, True, t_single, kernels=True))
         else:
             quantized, fused = key != "fp", key != "composite"
-            compiled_students.clear()
-            measure(row, mode, step_fn(mode, quantized, fused, t_single))
+            keep = args.alternate and key == "fused"  # the FP row's graphs stay for the alternation
+            if not keep:
+                compiled_students.clear()
+            measure(row, mode, step_fn(mode, quantized, fused, t_single), reset=not keep)
+    for mode in modes:  # FP and W4A4 steps timed in turns: host and clock drift hit both alike
+        pair = [made.get(("FP LoRA step", mode)), made.get(("W4A4 step, fused STE", mode))]
+        if not (args.alternate and all(pair)):
+            continue
+        times: list[list[float]] = [[], []]
+        for _ in range(args.alternate):
+            for i, fn in enumerate(pair):
+                fn.activate()
+                timer.run(fn, 1)  # untimed: the first step after a switch looks up the other graphs
+                times[i].append(statistics.median(timer.run(fn, args.steps)))
+        each = ", ".join(f"{q / f:.3f}" for f, q in zip(*times))
+        print(f"\n# {mode}, alternating: FP LoRA ms {', '.join(f'{f * 1e3:.1f}' for f in times[0])}; W4A4 ms "
+              f"{', '.join(f'{q * 1e3:.1f}' for q in times[1])}; throughput ratio of each pair: {each}", flush=True)
+        for row, ts in zip(("FP LoRA step", "W4A4 step, fused STE"), times):
+            results[(row, mode)] = (statistics.median(ts), results[(row, mode)][1])
     set_flags(student, True, True)
 
     print("\n| ratio | mode | value | issue 8 target |\n|---|---|---|---|")
@@ -360,7 +426,7 @@ def main() -> None:
               "<= 1.03")
     for gen_mode in args.gen_modes.split(","):
         row = "trajectory generation" if gen_mode == "default" else f"trajectory generation, {gen_mode}"
-        ratio(f"{row} / compiled forward throughput", "compiled", ("teacher forward", "compiled"),
+        ratio(f"{row} / compiled forward throughput", "compiled", (f"{row}: forward", "compiled"),
               (row, "compiled"), 0, ">= 0.9")
     print(f"\n# total {time.time() - start:.0f} s; host {os.cpu_count()} CPUs")
 
