@@ -24,6 +24,10 @@ during its warm-up; its compile time is printed apart), with the peak memory all
   one row per ``--gen-modes`` compile mode of the teacher (``reduce-overhead``: CUDA graphs), each checked
   against the first on the same three steps.
 
+"host ms / step" is one step launched on an idle GPU: the host's own work; a row whose host time is near its step
+time is bound by the host. ``--alternate N`` re-times the FP LoRA and W4A4 steps in N turns after both compiled,
+``--gen-repeats N`` pairs each generation timing with a forward timing just before it.
+
 All steps use bf16 autocast, a fused AdamW on CUDA and the same inputs; the FP and W4A4 steps share one student
 (flags switched between rows) and each row builds its own optimizer. Ratios at the end: QAT / FP LoRA throughput
 (issue 8 target >= 0.95) and peak memory (<= 1.15) with the same compile setting, mixed / single timestep cost
@@ -321,7 +325,7 @@ def main() -> None:
         for gen_mode in args.gen_modes.split(","):
             torch._dynamo.reset()
             teacher_bf16.compile(mode=gen_mode)  # in place, as the trainer compiles: the module keeps its class
-            walk = _trajectories(tch, list(range(b // 2)), 3, 1.0, 1.5, 0, device)  # compile + warm-up
+            walk = _trajectories(tch, idx, 3, 1.0, 1.5, 0, device)  # compile + warm-up
             if first is None:
                 first, agree = walk, "reference"
             else:  # the same 3 DDIM steps: equal up to bf16 kernel choices
@@ -335,6 +339,7 @@ def main() -> None:
                 with torch.no_grad():
                     teacher_bf16(x.bfloat16(), t_single, encoder_hidden_states=ctx.bfloat16(), return_dict=False)
 
+            timer.run(forward, 1)  # its first call may compile anew (the generator's grad mode)
             pairs = []  # (forward, generation per teacher call), alternated: the ratio of neighbouring timings
             for _ in range(args.gen_repeats):
                 fwd = statistics.median(timer.run(forward, args.steps))
@@ -400,7 +405,7 @@ def main() -> None:
                 fn.activate()
                 timer.run(fn, 1)  # untimed: the first step after a switch looks up the other graphs
                 times[i].append(statistics.median(timer.run(fn, args.steps)))
-        each = ", ".join(f"{q / f:.3f}" for f, q in zip(*times))
+        each = ", ".join(f"{f / q:.3f}" for f, q in zip(*times))
         print(f"\n# {mode}, alternating: FP LoRA ms {', '.join(f'{f * 1e3:.1f}' for f in times[0])}; W4A4 ms "
               f"{', '.join(f'{q * 1e3:.1f}' for q in times[1])}; throughput ratio of each pair: {each}", flush=True)
         for row, ts in zip(("FP LoRA step", "W4A4 step, fused STE"), times):
