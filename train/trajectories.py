@@ -287,13 +287,14 @@ def generate_cache(teacher: Teacher, teacher_path: str, cache_dir: str | Path, n
     num_shards = -(-num_trajectories // shard_size)
     mine = [s for s in range(rank, num_shards, world_size) if not _shard_path(cache_dir, s).exists()]
     bar = tqdm(mine, desc=f"trajectories (rank {rank})", disable=not progress)
-    compiled = getattr(teacher.unet, "_compiled_call_impl", None) is not None  # nn.Module.compile in place
+    # nn.Module.compile in place; with a single shard there is no other batch size to share a compile with
+    pad = getattr(teacher.unet, "_compiled_call_impl", None) is not None and num_trajectories > shard_size
     for shard in bar:
         indices = list(range(shard * shard_size, min((shard + 1) * shard_size, num_trajectories)))
         # A compiled teacher recompiles for a new batch size (about 45 s for LDM-4 on an H200): a short last shard
         # is walked at the full size and the trajectories past the end are dropped. Each trajectory has its own
         # noise streams, so the kept ones do not depend on their neighbours.
-        walk = list(range(shard * shard_size, (shard + 1) * shard_size)) if compiled else indices
+        walk = list(range(shard * shard_size, (shard + 1) * shard_size)) if pad else indices
         tensors = _trajectories(teacher, walk, num_steps, eta, guidance, seed, device)
         if len(walk) > len(indices):
             tensors = {k: _first_trajectories(v, len(walk), len(indices)) for k, v in tensors.items()}

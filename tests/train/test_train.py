@@ -167,6 +167,12 @@ def test_a_compiled_teacher_walks_the_short_last_shard_at_full_size(tiny_teacher
         assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
         assert all(torch.allclose(a[k].double(), b[k].double(), atol=1e-5) for k in a)
     assert load_file(str(compiled.parent / "shard-00001.safetensors"))["x"].shape[0] == 4  # 1 trajectory x 4 steps
+    sizes.clear()  # a single short shard has no full-size shard to share a compile with: walked as it is
+    try:
+        tj.generate_cache(teacher, "t", tmp_path / "single", 4, 1.0, 1.5, 0, 1, 2, "cpu", progress=False)
+    finally:
+        torch._dynamo.reset()
+    assert sizes == [1]
 
 
 def test_cached_trajectories_equal_the_online_walk(tiny_teacher: Path, tmp_path: Path) -> None:
