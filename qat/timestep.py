@@ -39,11 +39,18 @@ def temporal_quantizers(model: nn.Module) -> list[TemporalLSQQuantizer]:
     return [m for m in model.modules() if isinstance(m, TemporalLSQQuantizer)]
 
 
-def set_timestep(model: nn.Module, t: float | Tensor, quantizers: list[TemporalLSQQuantizer] | None = None) -> None:
+def set_timestep(model: nn.Module, t: float | Tensor, quantizers: list[TemporalLSQQuantizer] | None = None,
+                 reuse: bool = False) -> None:
     """Sets sampler timestep value(s) ``t`` (scalar or ``(B,)``) on every temporal quantizer of ``model``.
 
     ``quantizers``: ``temporal_quantizers(model)`` computed once by the caller; a training loop passes it to skip
     the walk over thousands of modules on every call.
+
+    ``reuse``: write the interpolation weights into the tensor of the previous call (when its shape, dtype and
+    device match) instead of a new one. CUDA graphs (``torch.compile(mode="reduce-overhead")``) read module tensors
+    from fixed addresses, so a new tensor in every call makes them record every graph again (seconds per step).
+    Only for one forward per backward, as a training step: a second call before the first forward's backward
+    overwrites weights that autograd saved, and the backward raises autograd's in-place error.
     """
     t = torch.as_tensor(t)
     positions: dict[tuple, tuple[tuple[Tensor, Tensor, Tensor], Tensor]] = {}
@@ -51,8 +58,20 @@ def set_timestep(model: nn.Module, t: float | Tensor, quantizers: list[TemporalL
         key = (q.grid_key, q.timesteps.device)  # the grid is located once per model call, not once per layer
         if key not in positions:
             position = grid_position(q.timesteps, t)
-            positions[key] = position, interpolation_weights(position, len(q.grid_key))
+            weights = interpolation_weights(position, len(q.grid_key))
+            if reuse:
+                weights = _in_place(q, weights)
+            positions[key] = position, weights
         q.set_timestep(t, *positions[key])
+
+
+def _in_place(q: TemporalLSQQuantizer, weights: Tensor) -> Tensor:
+    """``weights`` copied into the tensor the first quantizer of its grid held last time (one tensor per grid)."""
+    old = q._coef_reused
+    if old is not None and old.shape == weights.shape and old.dtype == weights.dtype and old.device == weights.device:
+        return old.copy_(weights)
+    q._coef_reused = weights
+    return weights
 
 
 def set_timestep_index(model: nn.Module, index: int | Tensor) -> None:
@@ -68,12 +87,13 @@ def clear_timestep(model: nn.Module, quantizers: list[TemporalLSQQuantizer] | No
 
 
 @contextmanager
-def timestep(model: nn.Module, t: float | Tensor,
-             quantizers: list[TemporalLSQQuantizer] | None = None) -> Iterator[None]:
-    """Context manager: :func:`set_timestep` on entry, :func:`clear_timestep` on exit (``quantizers``: see there)."""
+def timestep(model: nn.Module, t: float | Tensor, quantizers: list[TemporalLSQQuantizer] | None = None,
+             reuse: bool = False) -> Iterator[None]:
+    """Context manager: :func:`set_timestep` on entry, :func:`clear_timestep` on exit (``quantizers``, ``reuse``:
+    see there)."""
     if quantizers is None:
         quantizers = temporal_quantizers(model)
-    set_timestep(model, t, quantizers)
+    set_timestep(model, t, quantizers, reuse)
     try:
         yield
     finally:

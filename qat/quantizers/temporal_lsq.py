@@ -123,6 +123,7 @@ class TemporalLSQQuantizer(LSQQuantizer):
         self._hi: Tensor | None = None
         self._w: Tensor | None = None
         self._coef: Tensor | None = None  # interpolation_weights of the timestep values set (None: an index)
+        self._coef_reused: Tensor | None = None  # qat.set_timestep(reuse=True) writes into this one (kept on clear)
 
     # -- timestep selection ---------------------------------------------------------------------------------------
     def set_timestep_index(self, index: int | Tensor) -> None:
@@ -193,7 +194,7 @@ class TemporalLSQQuantizer(LSQQuantizer):
         return rows
 
     def _step_zero(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if self._lo is None:
+        if self._coef is None and self._lo is None:  # _coef first: a compiled region then reads no other tensor
             raise RuntimeError(
                 "TemporalLSQQuantizer used with no timestep set: wrap the model call in "
                 "`with qat.timestep(model, t):` (or call qat.set_timestep / set_timestep_index first)"

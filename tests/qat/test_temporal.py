@@ -309,3 +309,40 @@ def test_adam_momentum_keeps_moving_rows_not_visited_in_a_step() -> None:
     moved = q.step.detach() - before
     assert moved[0] != 0  # row 0 moved in the step that only visited row 1
     assert moved[2] == 0  # row 2 was never visited
+
+
+def test_reused_interpolation_weights_keep_their_tensor_and_take_the_new_values() -> None:
+    """``reuse=True`` writes each call's weights into one tensor per grid (CUDA graphs read module tensors at fixed
+    addresses), with the values of a fresh call; a new shape gets a new tensor; without reuse every call has its
+    own."""
+    model = nn.ModuleDict({"a": make_temporal(5, seed=1), "b": make_temporal(5, seed=2)})
+    fresh = copy.deepcopy(model)
+    x = torch.randn(2, 3, 2, 2) * 2
+    seen = []
+    for t in (torch.tensor([1.0, 3.5]), torch.tensor([4.0, 0.25])):
+        with qat.timestep(model, t, reuse=True), qat.timestep(fresh, t):
+            seen.append(model["a"]._coef)
+            assert model["b"]._coef is model["a"]._coef  # one tensor for the quantizers of a grid
+            for name in ("a", "b"):
+                assert torch.equal(model[name]._coef, fresh[name]._coef)
+                assert torch.equal(model[name](x), fresh[name](x))
+    assert seen[0] is seen[1]
+    with qat.timestep(model, torch.tensor([1.0, 2.0, 3.0]), reuse=True):
+        assert model["a"]._coef is not seen[0] and model["a"]._coef.shape == (3, 5)
+    with qat.timestep(model, torch.tensor([1.0, 3.5])):
+        first = model["a"]._coef
+    with qat.timestep(model, torch.tensor([1.0, 3.5])):
+        assert model["a"]._coef is not first
+
+
+def test_reused_weights_refuse_a_second_forward_before_backward() -> None:
+    """The documented limit of ``reuse``: a second call rewrites weights that the first call's backward needs, and
+    autograd says so instead of computing a wrong gradient."""
+    q = make_temporal(5)
+    x = torch.randn(2, 3, 2, 2) * 2
+    with qat.timestep(q, torch.tensor([1.5, 2.5]), reuse=True):
+        first = q(x).sum()
+    with qat.timestep(q, torch.tensor([0.5, 3.5]), reuse=True):
+        second = q(x).sum()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (first + second).backward()
