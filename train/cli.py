@@ -32,9 +32,9 @@ import qat
 from qat.methods import METHODS
 from qat.quantizers import FakeQuantizer
 from train.callbacks import Preemption, QuantizerTelemetry, SampleGrid
-from train.config import ConfigError, RunConfig, load_config, to_yaml
+from train.config import CUDA_GRAPH_MODES, ConfigError, RunConfig, load_config, to_yaml
 from train.evaluate import Evaluator, SampleSet
-from train.families import compile_repeated_blocks
+from train.families import CUDA_GRAPHS_ATTR, compile_repeated_blocks
 from train.launch import apply_launcher, trainer_kwargs
 from train.report import sanitize, write_run_report
 from train.system import DistillQATSystem
@@ -97,11 +97,17 @@ def apply_performance(cfg: RunConfig, student: torch.nn.Module, teacher: Teacher
     FakeQuantizer.fused = p.fused_fake_quant
     qat.ste.use_compiled_kernels(p.compile_kernels)
     if p.compile:
+        # mode only where it is not the default: other backends than inductor take no mode
+        kwargs = {"backend": p.compile_backend} | ({"mode": p.compile_mode} if p.compile_mode != "default" else {})
         if p.compile_blocks:
-            compile_repeated_blocks(student, backend=p.compile_backend)
+            compile_repeated_blocks(student, **kwargs)
         else:
-            student.compile(backend=p.compile_backend)
+            student.compile(**kwargs)
+        if p.compile_mode in CUDA_GRAPH_MODES:
+            setattr(student, CUDA_GRAPHS_ATTR, True)  # sampled and evaluated eagerly: train.families.denoise
     if p.compile if p.compile_teacher is None else p.compile_teacher:
+        # default mode: trajectory generation measured no gain from CUDA graphs (docs/performance.md), whose
+        # outputs the next replay overwrites
         teacher.unet.compile(backend=p.compile_backend)
 
 
@@ -230,7 +236,8 @@ def main(argv: list[str] | None = None, callbacks: list[L.Callback] | None = Non
                                   progress=cfg.trainer.enable_progress_bar)
         data = CachedTrajectories(manifest, tr.batch_size, tr.seed, rank, world)
     system = DistillQATSystem(teacher, student, data, cfg.optim, tr.guidance_scale, tr.loss_target,
-                              int(teacher.scheduler.config.num_train_timesteps), cfg.monitor.timestep_buckets)
+                              int(teacher.scheduler.config.num_train_timesteps), cfg.monitor.timestep_buckets,
+                              cuda_graphs=cfg.performance.compile and cfg.performance.compile_mode in CUDA_GRAPH_MODES)
     m = cfg.monitor
     extra = callbacks
     callbacks = [

@@ -45,6 +45,8 @@ __all__ = ["Family", "TextConvention", "FAMILIES", "family_of", "family_for_clas
            "denoise", "model_dtype", "compile_repeated_blocks"]
 
 FAMILY_ATTR = "diffqat_family"
+# set (True) on a model compiled with CUDA graphs (performance.compile_mode): it is then run eagerly outside autograd
+CUDA_GRAPHS_ATTR = "diffqat_cuda_graphs"
 
 
 @dataclass(frozen=True)
@@ -305,6 +307,13 @@ def denoise(model: nn.Module, x: Tensor, t: Tensor, context: Tensor | None, fami
         the model output cut to ``x``'s channels (noise, ``v`` or flow velocity, whatever the model predicts).
     """
     fam = family_of(model) if family is None else get_family(family)
+    if getattr(model, CUDA_GRAPHS_ATTR, False) and not torch.is_grad_enabled():
+        # Without a pending backward, torch's CUDA-graph trees start a new generation at every compiled region, so
+        # a later block's replay overwrites the earlier blocks' outputs that a UNet keeps as skip connections (on
+        # the H200: "accessing tensor output of CUDAGraphs that has been overwritten"). Sampling and evaluation of
+        # such a student run its eager code; training steps keep the graphs.
+        with torch.compiler.set_stance("force_eager"):
+            return fam.denoise(model, x, t, context)
     return fam.denoise(model, x, t, context)
 
 
@@ -315,13 +324,16 @@ def compile_repeated_blocks(model: nn.Module, **compile_kwargs: Any) -> int:
     As diffusers' ``compile_repeated_blocks`` (which for UNets lists only the transformer blocks), with the ResNet
     blocks and resamplers added and whole ``Transformer2DModel`` regions, so that only the stem and head layers
     (``conv_in``, the time embedding, ``conv_out``) stay eager. Blocks of one class share compiled code, recompiled
-    per shape and structure variant; dynamo's recompile limit is raised so that no variant falls back to eager (a
-    UNet has about twenty).
+    per shape and structure variant with static shapes (``dynamic=False`` unless ``compile_kwargs`` says otherwise:
+    dynamo's automatic dynamic shapes would compile the second variant of a class for symbolic sizes, slower
+    kernels, and inductor failed on such a block on the CPU); dynamo's recompile limit is raised so that no variant
+    falls back to eager (an LDM-4 UNet has 19 ResNet-block variants per batch size and grad mode).
     """
     import torch._dynamo
 
     names = family_of(model).repeated_blocks
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    compile_kwargs.setdefault("dynamic", False)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     if not blocks:
         raise ValueError(f"performance.compile_blocks: no block of the classes {list(names)} in "

@@ -42,11 +42,13 @@ class DistillQATSystem(L.LightningModule):
         loss_target: ``cfg`` or ``branches``.
         num_train_timesteps: the teacher's training timesteps (for per-timestep loss buckets).
         timestep_buckets: number of buckets of the per-timestep loss curves.
+        cuda_graphs: the student is compiled with CUDA graphs (``performance.compile_mode``): every training step
+            starts a new step of torch's CUDA-graph trees, whose replays may then reuse the previous step's memory.
     """
 
     def __init__(self, teacher: Teacher, student: nn.Module, data: OnlineTrajectories | CachedTrajectories,
                  optim: OptimConfig, guidance: float, loss_target: str = "cfg", num_train_timesteps: int = 1000,
-                 timestep_buckets: int = 10) -> None:
+                 timestep_buckets: int = 10, cuda_graphs: bool = False) -> None:
         super().__init__()
         self.teacher = teacher
         # Registered as a child so that Lightning moves it with the system; it has no trainable parameters.
@@ -58,6 +60,7 @@ class DistillQATSystem(L.LightningModule):
         self.loss_target = loss_target
         self.num_train_timesteps = num_train_timesteps
         self.timestep_buckets = timestep_buckets
+        self.cuda_graphs = cuda_graphs
         self.automatic_optimization = True
         self._t0: float | None = None
         self._loss: Tensor | None = None  # this step's loss, named when the step stops on non-finite gradients
@@ -79,13 +82,13 @@ class DistillQATSystem(L.LightningModule):
         # DeepSpeed's bf16 casts the parameters themselves (no autocast): inputs follow the student's dtype
         x, t = batch.x.to(model_dtype(self.student)), batch.t
         if batch.cond is None:
-            with qat.timestep(self.student, t, self._temporal):
+            with qat.timestep(self.student, t, self._temporal, reuse=True):  # one forward per backward
                 pred = denoise(self.student, x, t, None)
             per = (pred.float() - batch.eps_cond).pow(2).flatten(1).mean(1)
             return per.mean(), per
         tt = torch.cat([t, t])
         context = torch.cat([batch.uncond, batch.cond]).to(x.dtype)  # a bf16 teacher's embedder gives bf16
-        with qat.timestep(self.student, tt, self._temporal):
+        with qat.timestep(self.student, tt, self._temporal, reuse=True):  # one forward per backward
             out = denoise(self.student, torch.cat([x, x]), tt, context)
         eps_u, eps_c = out.float().chunk(2)
         if self.loss_target == "cfg":
@@ -106,6 +109,8 @@ class DistillQATSystem(L.LightningModule):
         return {}
 
     def training_step(self, _: Any, batch_idx: int) -> Tensor:
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         batch = self._next()
         loss, per = self.student_loss(batch)
         for name, term in self.extra_losses(batch).items():

@@ -71,13 +71,14 @@ def guided_eps(model: nn.Module, x: Tensor, t: Tensor, cond: Tensor | None, unco
     """
     dtype = model_dtype(model)
     x = x.to(dtype)
+    reuse = not torch.is_grad_enabled()  # nothing saved for backward: the weights' tensor can be rewritten
     if cond is None:
-        with qat.timestep(model, t, quantizers):
+        with qat.timestep(model, t, quantizers, reuse):
             eps = denoise(model, x, t, None)
         return eps, eps, None
     tt = torch.cat([t, t])
     context = torch.cat([uncond, cond])
-    with qat.timestep(model, tt, quantizers):
+    with qat.timestep(model, tt, quantizers, reuse):
         out = denoise(model, torch.cat([x, x]), tt, context.to(dtype) if context.is_floating_point() else context)
     eps_u, eps_c = out.chunk(2)
     return eps_u + guidance * (eps_c - eps_u), eps_c, eps_u

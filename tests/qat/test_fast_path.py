@@ -102,6 +102,28 @@ def test_regionally_compiled_student_equals_eager(student) -> None:
     assert 0 < torch._dynamo.utils.counters["stats"]["unique_graphs"] <= n  # blocks compiled, shared where alike
 
 
+def test_regional_compilation_keeps_static_shapes(student) -> None:
+    """Each shape variant of a block class gets its own static graph: no symbolic sizes (dynamo's automatic dynamic
+    shapes would recompile the second variant of a class with them)."""
+    from train.families import compile_repeated_blocks
+
+    model, fwd, make_batch, grid = student
+    symbolic: list[bool] = []
+
+    def backend(gm: torch.fx.GraphModule, inputs: list) -> object:
+        symbolic.append(any(isinstance(i, torch.SymInt) or (isinstance(i, torch.Tensor) and any(
+            isinstance(s, torch.SymInt) for s in i.shape)) for i in inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        compile_repeated_blocks(model, backend=backend)
+        _loss_and_grads(model, model, fwd, make_batch(grid[torch.tensor([0, 3, 3, 9])]))
+    finally:
+        torch._dynamo.reset()
+    assert len(symbolic) >= 2 and not any(symbolic)  # several variants, each static
+
+
 def test_compiled_kernels_give_the_eager_student(student) -> None:
     """``qat.ste.use_compiled_kernels``: the quantizer math through inductor (C++ here), the model eager. Forward
     values are bit-identical; gradients agree to float32 rounding (the step-size sums may be reduced in another

@@ -68,6 +68,14 @@ def test_override_reaches_trainer_section() -> None:
          r"trainer\.profiler: 'fancy' is not allowed; choose one of \[None, 'simple', 'advanced', 'pytorch'\]"),
         (["performance.compile_kernels=maybe"], r"performance\.compile_kernels: .*maybe"),
         (["performance.compile_blocks=true"], r"performance\.compile_blocks: .*needs performance\.compile=true"),
+        (["performance.compile=true", "performance.compile_mode=fast"],
+         r"performance\.compile_mode: 'fast' is not allowed; choose one of \['default', 'reduce-overhead', "
+         r"'max-autotune', 'max-autotune-no-cudagraphs'\]"),
+        (["performance.compile_mode=reduce-overhead"],
+         r"performance\.compile_mode: .*needs performance\.compile=true"),
+        (["performance.compile=true", "performance.compile_backend=aot_eager",
+          "performance.compile_mode=max-autotune"],
+         r"performance\.compile_mode: .*performance\.compile_backend=inductor"),
     ],
 )
 def test_error_messages_name_the_key(argv: list[str], pattern: str) -> None:

@@ -108,3 +108,77 @@ def test_the_trajectory_cache_is_generated_by_the_compiled_teacher(tiny_teacher:
     finally:
         torch._dynamo.reset()
     assert seen == [True]
+
+
+def test_compile_mode_reaches_the_student_and_marks_every_training_step(tiny_teacher: Path, tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    """``performance.compile_mode`` is the student's ``torch.compile`` mode (whole model or blocks); the teacher keeps
+    the default; with CUDA graphs every training step starts a new CUDA-graph step (``cudagraph_mark_step_begin``),
+    so that a replay may reuse the previous step's memory."""
+    import train.cli as cli
+
+    compiled: list[tuple[str, dict]] = []
+
+    marks: list[int] = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    # records instead of compiling
+    monkeypatch.setattr(cli, "compile_repeated_blocks", lambda model, **kw: compiled.append(("blocks", kw)))
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append(("module", kw)))
+
+    def run(*overrides: str) -> tuple[list, int]:
+        compiled.clear()
+        marks.clear()
+        main(["config=efficientdm_digits.yaml", "export=false",
+              *fast_overrides(tiny_teacher, tmp_path / str(len(list(tmp_path.iterdir()))), steps=3),
+              "performance.compile=true", *overrides])
+        return list(compiled), len(marks)
+
+    calls, n = run("performance.compile_mode=reduce-overhead", "performance.compile_blocks=true")
+    assert calls == [("blocks", {"backend": "inductor", "mode": "reduce-overhead"}),
+                     ("module", {"backend": "inductor"})]  # student blocks, then the teacher in the default mode
+    assert n == 3
+    calls, n = run("performance.compile_mode=max-autotune-no-cudagraphs")
+    assert calls == [("module", {"backend": "inductor", "mode": "max-autotune-no-cudagraphs"}),
+                     ("module", {"backend": "inductor"})]
+    assert n == 0  # no CUDA graphs in this mode
+    calls, n = run()
+    assert calls == [("module", {"backend": "inductor"})] * 2 and n == 0
+
+
+def test_a_student_compiled_with_cuda_graphs_samples_eagerly() -> None:
+    """Outside autograd a CUDA-graph student runs its eager code (a UNet's skip connections would be overwritten by
+    later regions' replays); with gradients, and for any other model, the compiled code runs."""
+    from train.families import CUDA_GRAPHS_ATTR, denoise, set_family
+
+    calls: list[int] = []
+
+    def counting(gm: torch.fx.GraphModule, inputs: list) -> object:
+        def run(*args: object) -> object:
+            calls.append(1)
+            return gm.forward(*args)
+        return run
+
+    class Denoiser(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, sample: torch.Tensor, timestep: torch.Tensor, return_dict: bool = False) -> tuple:
+            return (self.lin(sample),)
+
+    model = Denoiser()
+    set_family(model, "unet")
+    model.compile(backend=counting)
+    x, t = torch.randn(2, 4), torch.zeros(2)
+    try:
+        with torch.no_grad():
+            ref = denoise(model, x, t, None)
+        assert len(calls) == 1
+        setattr(model, CUDA_GRAPHS_ATTR, True)
+        with torch.no_grad():
+            out = denoise(model, x, t, None)
+        assert len(calls) == 1 and torch.equal(out, ref)  # eager code, same values
+        denoise(model, x, t, None).sum().backward()  # a training call keeps the compiled code
+        assert len(calls) == 2 and model.lin.weight.grad is not None
+    finally:
+        torch._dynamo.reset()
