@@ -2,6 +2,7 @@
 
     python bench/qat_step_speed.py                        # LDM-4 layout (400.9M parameters), batch 32, bf16
     python bench/qat_step_speed.py --modes blocks --rows fp,fused   # regional compilation (compile_blocks)
+    python bench/qat_step_speed.py --modes blocks --rows fp,fused --compile-mode reduce-overhead   # + CUDA graphs
     python bench/qat_step_speed.py --modes eager --profile          # + torch.profiler: host vs device, top kernels
     python bench/qat_step_speed.py --tiny --device cpu    # checks the script itself on a CPU (tiny UNet)
 
@@ -25,13 +26,19 @@ during its warm-up; its compile time is printed apart), with the peak memory all
   against the first on the same three steps.
 
 "host ms / step" is one step launched on an idle GPU: the host's own work; a row whose host time is near its step
-time is bound by the host. ``--alternate N`` re-times the FP LoRA and W4A4 steps in N turns after both compiled,
-``--gen-repeats N`` pairs each generation timing with a forward timing just before it.
+time is bound by the host. "GPU ms / step" is one step queued behind a sleep kernel, so that the GPU runs it without
+waiting for the host: its device time; a row whose step time is near it is bound by the GPU. "peak GiB" is the
+allocated peak over the timed steps, "peak reserved GiB" the reserved peak from the warm-up on (CUDA graphs
+allocate their memory pool while recording, in the warm-up, and the allocated figure does not see it).
+``--alternate N`` re-times the FP LoRA and W4A4 steps in N turns after both compiled, ``--gen-repeats N`` pairs
+each generation timing with a forward timing just before it. ``--compile-mode`` is the ``torch.compile`` mode of
+the compiled and blocks rows (``performance.compile_mode``); with CUDA graphs every step begins with
+``torch.compiler.cudagraph_mark_step_begin()``, as the trainer's.
 
 All steps use bf16 autocast, a fused AdamW on CUDA and the same inputs; the FP and W4A4 steps share one student
 (flags switched between rows) and each row builds its own optimizer. Ratios at the end: QAT / FP LoRA throughput
-(issue 8 target >= 0.95) and peak memory (<= 1.15) with the same compile setting, mixed / single timestep cost
-(<= 1.03), generation / compiled forward throughput (>= 0.9).
+(issue 8 target >= 0.95) and peak memory (<= 1.15; the reserved peak for CUDA graphs) with the same compile
+setting, mixed / single timestep cost (<= 1.03), generation / compiled forward throughput (>= 0.9).
 """
 
 from __future__ import annotations
@@ -85,6 +92,24 @@ class Timer:
             times.append(time.perf_counter() - t0)
         if self.cuda:
             torch.cuda.synchronize()
+        return statistics.median(times)
+
+    def device(self, fn: Callable[[], None], steps: int, host_s: float) -> float:
+        """Median GPU time of one call whose launches are all queued before the GPU reaches them: a sleep kernel
+        longer than the host's time for the call goes first, then the timed call. With no host synchronisation
+        inside the call this is its device time alone; a step close to it is bound by the GPU."""
+        if not self.cuda:
+            return float("nan")
+        times = []
+        for _ in range(steps):
+            torch.cuda.synchronize()
+            torch.cuda._sleep(int(2e9 * (2 * host_s + 0.05)))  # ~2 GHz clock: twice the host time, and 50 ms more
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
         return statistics.median(times)
 
     def run(self, fn: Callable[[], None], steps: int) -> list[float]:
@@ -171,6 +196,9 @@ def main() -> None:
     parser.add_argument("--modes", default="compiled,eager",
                         help="comma-separated: eager, compiled (whole model), blocks (each ResNet / transformer block "
                              "compiled in place, as performance.compile_blocks; run it last)")
+    parser.add_argument("--compile-mode", default="default",
+                        help="torch.compile mode of the compiled and blocks rows (performance.compile_mode), e.g. "
+                             "reduce-overhead: CUDA graphs of the compiled graphs, replayed in each step")
     parser.add_argument("--gen-steps", type=int, default=10, help="DDIM steps timed for trajectory generation")
     parser.add_argument("--gen-modes", default="default",
                         help="comma-separated torch.compile modes of the teacher for the generation rows, e.g. "
@@ -220,7 +248,7 @@ def main() -> None:
     quantizers = qat.temporal_quantizers(student)
 
     def student_call(model: torch.nn.Module, t: torch.Tensor) -> torch.Tensor:
-        with qat.timestep(student, t, quantizers):
+        with qat.timestep(student, t, quantizers, reuse=True):  # as the trainer: CUDA graphs keep their inputs
             return model(x, t, encoder_hidden_states=ctx, return_dict=False)[0]
 
     with torch.no_grad(), torch.autocast(device.type, torch.bfloat16):  # PTQ initialisation (min/max, one batch)
@@ -234,46 +262,59 @@ def main() -> None:
     print(f"# {torch.cuda.get_device_name(device) if cuda else 'CPU'}, torch {torch.__version__}, "
           f"{datetime.date.today()}, UNet {n_params / 1e6:.1f}M parameters, batch {b} of 3x{size}x{size}, "
           f"bf16 autocast\n# {' '.join(sys.argv)}", flush=True)
-    print("| row | mode | ms / step | samples/s | peak GiB | compile s | host ms / step |\n"
-          "|---|---|---|---|---|---|---|", flush=True)
-    results: dict[tuple[str, str], tuple[float, float]] = {}
+    print("| row | mode | ms / step | samples/s | peak GiB | peak reserved GiB | compile s | host ms / step | "
+          "GPU ms / step |\n|---|---|---|---|---|---|---|---|---|", flush=True)
+    results: dict[tuple[str, str], tuple[float, float, float]] = {}
     timer = Timer(device)
+    graphs = args.compile_mode in ("reduce-overhead", "max-autotune")
+
+    def mark_step() -> None:
+        """With CUDA graphs (cudagraph trees), a new step may overwrite the previous step's graph outputs."""
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
     made: dict[tuple[str, str], Callable[[], None]] = {}  # the step of each measured row, for --alternate
 
     def measure(row: str, mode: str, make_fn: Callable[[], Callable[[], None]], reset: bool = True) -> None:
         if time.time() - start > args.budget_s:
-            print(f"| {row} | {mode} | skipped (--budget-s) | | | | |", flush=True)
+            print(f"| {row} | {mode} | skipped (--budget-s) | | | | | | |", flush=True)
             return
         if reset:  # each row compiles from scratch; ``reset=False`` reuses the previous row's graphs
             torch._dynamo.reset()
         fn = make_fn()
+        if cuda:  # the reserved peak covers the warm-up: CUDA graphs take their memory pool while recording
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
         t0 = time.time()
         timer.run(fn, args.warmup)
         if cuda:
             torch.cuda.synchronize()
         warm_s = time.time() - t0
+        reserved_warm = torch.cuda.max_memory_reserved(device) if cuda else 0
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         times = timer.run(fn, args.steps)
         med = statistics.median(times)
         mem = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
-        results[(row, mode)] = (med, mem)
+        reserved = max(reserved_warm, torch.cuda.max_memory_reserved(device)) / 2**30 if cuda else float("nan")
+        results[(row, mode)] = (med, mem, reserved)
         made[(row, mode)] = fn
         compile_s = f"{warm_s:.0f}" if mode != "eager" or "compiled kernels" in row else "-"
         host = timer.host(fn, args.steps)
-        print(f"| {row} | {mode} | {med * 1e3:.1f} | {b / med:.1f} | {mem:.1f} | {compile_s} | {host * 1e3:.1f} |",
-              flush=True)
+        gpu = timer.device(fn, args.steps, host)
+        print(f"| {row} | {mode} | {med * 1e3:.1f} | {b / med:.1f} | {mem:.1f} | {reserved:.1f} | {compile_s} | "
+              f"{host * 1e3:.1f} | {gpu * 1e3:.1f} |", flush=True)
         if args.profile:
             print_profile(fn, f"{row}, {mode}", cuda)
 
     def teacher_fn(mode: str) -> Callable[[], Callable[[], None]]:
         def make() -> Callable[[], None]:
-            model = torch.compile(teacher_bf16) if mode == "compiled" else teacher_bf16
+            model = torch.compile(teacher_bf16, mode=args.compile_mode) if mode == "compiled" else teacher_bf16
             if mode == "blocks" and not getattr(teacher_bf16, "_bench_blocks", False):
-                compile_repeated_blocks(teacher_bf16)
+                compile_repeated_blocks(teacher_bf16, mode=args.compile_mode)
                 teacher_bf16._bench_blocks = True
 
             def fn() -> None:
+                mark_step()
                 with torch.no_grad():
                     model(x.bfloat16(), t_single, encoder_hidden_states=ctx.bfloat16(), return_dict=False)
             return fn
@@ -288,14 +329,17 @@ def main() -> None:
             qat.ste.use_compiled_kernels(kernels)
             model = student
             if mode == "compiled":
-                model = compiled_students.setdefault((quantized, fused), torch.compile(student))
+                model = compiled_students.setdefault((quantized, fused),
+                                                     torch.compile(student, mode=args.compile_mode))
             elif mode == "blocks" and not getattr(student, "_bench_blocks", False):
-                compile_repeated_blocks(student)  # in place, once: later rows recompile after the dynamo reset
+                # in place, once: later rows recompile after the dynamo reset
+                compile_repeated_blocks(student, mode=args.compile_mode)
                 student._bench_blocks = True
             params = [p for p in student.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=1e-6, fused=cuda)
 
             def fn() -> None:
+                mark_step()
                 with torch.autocast(device.type, torch.bfloat16):
                     out = student_call(model, t)
                 F.mse_loss(out.float(), target).backward()
@@ -313,7 +357,7 @@ def main() -> None:
         """Teacher DDIM + CFG trajectories (train.trajectories), per teacher call, with the teacher compiled in
         each of ``--gen-modes``; later modes are checked against the first."""
         if time.time() - start > args.budget_s:
-            print("| trajectory generation | compiled | skipped (--budget-s) | | | | |", flush=True)
+            print("| trajectory generation | compiled | skipped (--budget-s) | | | | | | |", flush=True)
             return
         from train.models import ClassEmbedder
         from train.teacher import Teacher
@@ -354,14 +398,14 @@ def main() -> None:
             per_call = statistics.median(p[1] for p in pairs)
             host = timer.host(forward, args.steps)
             row = "trajectory generation" if gen_mode == "default" else f"trajectory generation, {gen_mode}"
-            results[(row, "compiled")] = (per_call, float("nan"))
-            results[(f"{row}: forward", "compiled")] = (fwd, float("nan"))
+            results[(row, "compiled")] = (per_call, float("nan"), float("nan"))
+            results[(f"{row}: forward", "compiled")] = (fwd, float("nan"), float("nan"))
             each = ", ".join(f"{f / g:.3f}" for f, g in pairs)
             print(f"| teacher forward, alternating with the next row ({len(pairs)} x median of {args.steps}) | "
-                  f"compiled | {fwd * 1e3:.1f} | {b / fwd:.1f} | - | - | {host * 1e3:.1f} |", flush=True)
+                  f"compiled | {fwd * 1e3:.1f} | {b / fwd:.1f} | - | - | - | {host * 1e3:.1f} | - |", flush=True)
             print(f"| {row} (per teacher call, batch {b}, {steps} steps; median of {len(pairs)} calls; forward / "
                   f"generation each: {each}; {agree}) | compiled | {per_call * 1e3:.1f} | {b / per_call:.1f} | - | - "
-                  "| - |", flush=True)
+                  "| - | - | - |", flush=True)
             if args.profile:  # one timed-size call: divide the per-step figures by the steps
                 print_profile(lambda: _trajectories(tch, idx, steps, 1.0, 1.5, 0, device),
                               f"{row}, one call of {steps} teacher calls", cuda, steps=1)
@@ -409,7 +453,7 @@ def main() -> None:
         print(f"\n# {mode}, alternating: FP LoRA ms {', '.join(f'{f * 1e3:.1f}' for f in times[0])}; W4A4 ms "
               f"{', '.join(f'{q * 1e3:.1f}' for q in times[1])}; throughput ratio of each pair: {each}", flush=True)
         for row, ts in zip(("FP LoRA step", "W4A4 step, fused STE"), times):
-            results[(row, mode)] = (statistics.median(ts), results[(row, mode)][1])
+            results[(row, mode)] = (statistics.median(ts), *results[(row, mode)][1:])
     set_flags(student, True, True)
 
     print("\n| ratio | mode | value | issue 8 target |\n|---|---|---|---|")
@@ -422,6 +466,7 @@ def main() -> None:
         fp, fused = ("FP LoRA step", mode), ("W4A4 step, fused STE", mode)
         ratio("QAT / FP LoRA throughput", mode, fp, fused, 0, ">= 0.95")
         ratio("QAT / FP LoRA peak memory", mode, fused, fp, 1, "<= 1.15")
+        ratio("QAT / FP LoRA peak reserved memory (CUDA graphs: their pools)", mode, fused, fp, 2, "<= 1.15")
         kernels = ("W4A4 step, fused STE, compiled kernels", mode)
         ratio("QAT (compiled kernels) / FP LoRA throughput", mode, fp, kernels, 0, ">= 0.95")
         ratio("QAT (compiled kernels) / FP LoRA peak memory", mode, kernels, fp, 1, "<= 1.15")
