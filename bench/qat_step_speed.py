@@ -32,8 +32,8 @@ allocated peak over the timed steps, "peak reserved GiB" the reserved peak from 
 allocate their memory pool while recording, in the warm-up, and the allocated figure does not see it).
 ``--alternate N`` re-times the FP LoRA and W4A4 steps in N turns after both compiled, ``--gen-repeats N`` pairs
 each generation timing with a forward timing just before it. ``--compile-mode`` is the ``torch.compile`` mode of
-the compiled and blocks rows (``performance.compile_mode``); with CUDA graphs every step begins with
-``torch.compiler.cudagraph_mark_step_begin()``, as the trainer's.
+the compiled and blocks student rows (``performance.compile_mode``; the teacher keeps the default, as in the
+trainer); with CUDA graphs every step begins with ``torch.compiler.cudagraph_mark_step_begin()``, as the trainer's.
 
 All steps use bf16 autocast, a fused AdamW on CUDA and the same inputs; the FP and W4A4 steps share one student
 (flags switched between rows) and each row builds its own optimizer. Ratios at the end: QAT / FP LoRA throughput
@@ -61,6 +61,7 @@ import qat  # noqa: E402
 from bench.make_random_ldm4 import ldm4_unet  # noqa: E402
 from qat.methods.efficientdm import EfficientDMConfig, build_student  # noqa: E402
 from qat.quantizers import FakeQuantizer  # noqa: E402
+from train.config import CUDA_GRAPH_MODES  # noqa: E402
 from train.families import compile_repeated_blocks  # noqa: E402
 
 
@@ -197,8 +198,9 @@ def main() -> None:
                         help="comma-separated: eager, compiled (whole model), blocks (each ResNet / transformer block "
                              "compiled in place, as performance.compile_blocks; run it last)")
     parser.add_argument("--compile-mode", default="default",
-                        help="torch.compile mode of the compiled and blocks rows (performance.compile_mode), e.g. "
-                             "reduce-overhead: CUDA graphs of the compiled graphs, replayed in each step")
+                        help="torch.compile mode of the compiled and blocks student rows (performance.compile_mode), "
+                             "e.g. reduce-overhead: CUDA graphs of the compiled graphs, replayed in each step; the "
+                             "teacher rows keep the default mode")
     parser.add_argument("--gen-steps", type=int, default=10, help="DDIM steps timed for trajectory generation")
     parser.add_argument("--gen-modes", default="default",
                         help="comma-separated torch.compile modes of the teacher for the generation rows, e.g. "
@@ -266,7 +268,7 @@ def main() -> None:
           "GPU ms / step |\n|---|---|---|---|---|---|---|---|---|", flush=True)
     results: dict[tuple[str, str], tuple[float, float, float]] = {}
     timer = Timer(device)
-    graphs = args.compile_mode in ("reduce-overhead", "max-autotune")
+    graphs = args.compile_mode in CUDA_GRAPH_MODES
 
     def mark_step() -> None:
         """With CUDA graphs (cudagraph trees), a new step may overwrite the previous step's graph outputs."""
@@ -308,13 +310,14 @@ def main() -> None:
 
     def teacher_fn(mode: str) -> Callable[[], Callable[[], None]]:
         def make() -> Callable[[], None]:
-            model = torch.compile(teacher_bf16, mode=args.compile_mode) if mode == "compiled" else teacher_bf16
+            # the default mode, as the trainer's teacher: outside autograd the CUDA graphs of compiled blocks
+            # overwrite each other's outputs (train.families.denoise); --gen-modes times the teacher's modes
+            model = torch.compile(teacher_bf16) if mode == "compiled" else teacher_bf16
             if mode == "blocks" and not getattr(teacher_bf16, "_bench_blocks", False):
-                compile_repeated_blocks(teacher_bf16, mode=args.compile_mode)
+                compile_repeated_blocks(teacher_bf16)
                 teacher_bf16._bench_blocks = True
 
             def fn() -> None:
-                mark_step()
                 with torch.no_grad():
                     model(x.bfloat16(), t_single, encoder_hidden_states=ctx.bfloat16(), return_dict=False)
             return fn
