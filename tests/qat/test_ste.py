@@ -129,3 +129,49 @@ def test_fake_quantize_ste_keeps_the_input_dtype_and_saves_only_the_input() -> N
     assert sum(saved) > 2 * x.numel() * x.element_size()  # the composite form keeps float32 intermediates
     out.float().sum().backward()
     assert x.grad.dtype == torch.bfloat16 and s.grad is not None and z.grad is not None
+
+
+@pytest.mark.parametrize("shape,target", [
+    ((4, 3, 5, 5), ()),                # per-tensor step, conv input
+    ((4, 3, 5, 5), (4, 1, 1, 1)),      # per-sample step
+    ((4, 3, 5, 5), (1, 3, 1, 1)),      # per-channel step: the inner dims go first, the batch after
+    ((2, 7, 6), (1, 1, 6)),            # per-channel step of a linear input: nothing to reduce first
+    ((2, 7, 6), (2, 1, 1)),            # per-sample step of a linear input
+    ((300, 300), (1, 1)),              # a row over the limit is not reduced first
+    ((5,), ()),
+])
+@pytest.mark.parametrize("compiling", [False, True])
+def test_sum_to_equals_sum_to_size(shape, target, compiling, monkeypatch) -> None:
+    from qat.ste import _sum_to
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)  # the two-stage form is compile-only
+    torch.manual_seed(0)
+    t = torch.randn(shape, dtype=torch.float64)
+    out = _sum_to(t, torch.Size(target))
+    assert out.shape == torch.Size(target)
+    torch.testing.assert_close(out, t.sum_to_size(target), rtol=1e-12, atol=1e-12)
+
+
+def test_sum_to_reduces_inner_rows_first(monkeypatch) -> None:
+    """The first stage sums whole rows of the innermost broadcast dimensions, within the row limit."""
+    import qat.ste as ste
+
+    calls = []
+    real = torch.Tensor.sum
+
+    def spy(self, *args, **kwargs):
+        calls.append(args[0] if args else kwargs.get("dim"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "sum", spy)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    ste._sum_to(torch.ones(4, 3, 5, 5), torch.Size(()))
+    assert calls == [[3, 2, 1]]  # C * H * W = 75 fits the limit: one row per sample
+    calls.clear()
+    monkeypatch.setattr(ste, "_ROW_LIMIT", 30)
+    ste._sum_to(torch.ones(4, 3, 5, 5), torch.Size(()))
+    assert calls == [[3, 2]]  # rows of H * W = 25 elements per (sample, channel)
+    calls.clear()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    ste._sum_to(torch.ones(4, 3, 5, 5), torch.Size(()))
+    assert calls == []  # eagerly: sum_to_size alone, no extra kernel
