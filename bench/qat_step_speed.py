@@ -35,7 +35,8 @@ each generation timing with a forward timing just before it. ``--compile-mode`` 
 the compiled and blocks student rows (``performance.compile_mode``; the teacher keeps the default, as in the
 trainer); with CUDA graphs every step begins with ``torch.compiler.cudagraph_mark_step_begin()``, as the trainer's.
 
-All steps use bf16 autocast, a fused AdamW on CUDA and the same inputs; the FP and W4A4 steps share one student
+All steps use bf16 autocast, a fused AdamW on CUDA (parameter groups by role, as the trainer's, with one LoRA
+learning rate) and the same inputs; the FP and W4A4 steps share one student
 (flags switched between rows) and each row builds its own optimizer. Ratios at the end: QAT / FP LoRA throughput
 (issue 8 target >= 0.95) and peak memory (<= 1.15; the reserved peak for CUDA graphs) with the same compile
 setting, mixed / single timestep cost (<= 1.03), generation / compiled forward throughput (>= 0.9).
@@ -51,6 +52,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -164,8 +166,38 @@ def print_saved_bytes(student: torch.nn.Module, call: Callable, t: torch.Tensor,
     set_flags(student, True, True)
 
 
+def kernel_rows(prof: Any, steps: int) -> list[tuple[str, float, float]]:
+    """``(kernel name, GPU ms / step, launches / step)`` of a CUDA ``torch.profiler`` run over ``steps`` steps,
+    longest first (kernels, copies and fills only: user annotations such as ``Optimizer.step`` are left out)."""
+    rows = [(e.key, e.self_device_time_total / 1e3 / steps, e.count / steps) for e in prof.key_averages()
+            if e.device_type.name == "CUDA" and not e.key.startswith(("Optimizer.", "ProfilerStep"))]
+    return sorted(rows, key=lambda r: -r[1])
+
+
+#: kernel kind -> name fragments, first match wins (cuDNN / cuBLAS / Triton / ATen names on an H100 / H200)
+KERNEL_KINDS = {
+    "attention": ("fmha", "flash", "attention_kernel", "AttentionBackward"),
+    "NCHW/NHWC conversion": ("nchwToNhwc", "nhwcToNchw"),
+    "fused AdamW": ("FusedOptimizerTensor",),
+    "GEMM and convolution": ("gemm", "nvjet", "xmma", "cutlass", "cublas", "sm90_", "splitKreduce"),
+    "Triton reduction": ("triton_red", "triton_per"),
+    "Triton pointwise": ("triton_poi",),
+}
+
+
+def kernel_kinds(rows: list[tuple[str, float, float]]) -> dict[str, tuple[float, float]]:
+    """``{kind: (GPU ms / step, launches / step)}`` of :func:`kernel_rows` by :data:`KERNEL_KINDS` (else "other")."""
+    out: dict[str, tuple[float, float]] = {}
+    for name, ms, n in rows:
+        kind = next((k for k, parts in KERNEL_KINDS.items() if any(p in name for p in parts)), "other")
+        old = out.get(kind, (0.0, 0.0))
+        out[kind] = (old[0] + ms, old[1] + n)
+    return out
+
+
 def print_profile(fn: Callable[[], None], label: str, cuda: bool, steps: int = 2) -> None:
-    """torch.profiler over ``steps`` calls of ``fn``: host time per step and the top kernels by device time."""
+    """torch.profiler over ``steps`` calls of ``fn``: host time per step, the GPU time by kernel kind and the top
+    kernels by device time."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -177,12 +209,29 @@ def print_profile(fn: Callable[[], None], label: str, cuda: bool, steps: int = 2
         if cuda:
             torch.cuda.synchronize()
     events = prof.key_averages()
-    device_us = sum(e.self_device_time_total for e in events) if cuda else 0.0
-    kernels = sum(e.count for e in events if e.device_type.name == "CUDA") / steps
+    rows = kernel_rows(prof, steps) if cuda else []
     print(f"\n## profile: {label}: host {host * 1e3:.1f} ms / step (profiled), device busy "
-          f"{device_us / steps / 1e3:.1f} ms / step, {kernels:.0f} kernels / step\n")
+          f"{sum(r[1] for r in rows):.1f} ms / step, {sum(r[2] for r in rows):.0f} kernels / step\n")
+    if cuda:
+        print("| kernel kind | GPU ms / step | kernels / step |\n|---|---|---|")
+        for kind, (ms, n) in kernel_kinds(rows).items():
+            print(f"| {kind} | {ms:.2f} | {n:.0f} |")
     for key in (["self_device_time_total"] if cuda else []) + ["self_cpu_time_total"]:
         print(events.table(sort_by=key, row_limit=15, max_name_column_width=70), flush=True)
+
+
+def build_models(device: torch.device, tiny: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The frozen random teacher (LDM-4 layout, or the tiny UNet) and its EfficientDM W4A4 student (uncalibrated),
+    on ``device``, with TF32 matmuls on a GPU and seed 0."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(0)
+    with torch.device(device):
+        teacher = tiny_unet() if tiny else ldm4_unet()
+    teacher.requires_grad_(False).eval()
+    student, _ = build_student(teacher, EfficientDMConfig(act_init="minmax"))
+    return teacher, student.to(device)
 
 
 def main() -> None:
@@ -222,17 +271,8 @@ def main() -> None:
     rows, modes = args.rows.split(","), args.modes.split(",")
     start = time.time()
     cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(0)
-
-    with torch.device(device):
-        teacher = tiny_unet() if args.tiny else ldm4_unet()
-    teacher.requires_grad_(False).eval()
+    teacher, student = build_models(device, args.tiny)
     n_params = sum(p.numel() for p in teacher.parameters())
-    student, _ = build_student(teacher, EfficientDMConfig(act_init="minmax"))
-    student.to(device)
     from diffusers import DDIMScheduler
 
     ddim = DDIMScheduler(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195, beta_schedule="scaled_linear",
@@ -338,8 +378,11 @@ def main() -> None:
                 # in place, once: later rows recompile after the dynamo reset
                 compile_repeated_blocks(student, mode=args.compile_mode)
                 student._bench_blocks = True
-            params = [p for p in student.parameters() if p.requires_grad]
-            opt = torch.optim.AdamW(params, lr=1e-6, fused=cuda)
+            # the trainer's groups by role (adapters, weight quantizers, activation quantizers; one LoRA learning
+            # rate): a fused AdamW launch takes a bounded number of tensors, and the quantizers' hundreds of tiny
+            # tensors interleaved with the adapters' large ones spread the adapters over many half-empty launches
+            groups = qat.param_groups(student, lora_lr=1e-6, scale_aware=False)
+            opt = torch.optim.AdamW(groups, fused=cuda)
 
             def fn() -> None:
                 mark_step()
