@@ -168,7 +168,7 @@ def print_saved_bytes(student: torch.nn.Module, call: Callable, t: torch.Tensor,
 
 def kernel_rows(prof: Any, steps: int) -> list[tuple[str, float, float]]:
     """``(kernel name, GPU ms / step, launches / step)`` of a CUDA ``torch.profiler`` run over ``steps`` steps,
-    longest first (kernels, copies and fills only: user annotations such as ``Optimizer.step`` are left out)."""
+    longest first (the profiler's ``Optimizer.step`` annotation, which also appears on the device, is left out)."""
     rows = [(e.key, e.self_device_time_total / 1e3 / steps, e.count / steps) for e in prof.key_averages()
             if e.device_type.name == "CUDA" and not e.key.startswith(("Optimizer.", "ProfilerStep"))]
     return sorted(rows, key=lambda r: -r[1])

@@ -69,6 +69,13 @@ class _FakeQuantizeSTE(torch.autograd.Function):
 def _fq_backward(grad_out: Tensor, x: Tensor, step: Tensor, zero_point: Tensor, delta: Tensor | None, q_min: int,
                  q_max: int, needs: tuple[bool, ...]) -> tuple[Tensor | None, ...]:
     """The math of :func:`fake_quantize_backward` (eager; compiled by :func:`use_compiled_kernels`)."""
+    if torch.compiler.is_compiling():
+        # Traced, this backward's ``x / s`` is the forward's expression, and graph CSE merges the two; AOTAutograd's
+        # partitioner then keeps ``x / s`` in float32 for backward, one per quantizer, where the quantizers that read
+        # one normalisation's output (to_q, to_k, to_v) could share that input instead (its "used far apart" rule
+        # forbids recomputing them). A copy of the small step makes the backward's a distinct expression, recomputed
+        # from the shared input; inductor drops the copy. CPU check: tests/qat/test_fast_path.py.
+        step = step.clone()
     q, zr, v, d, inside1, inside2 = _fq_parts(x, step, zero_point, delta, q_min, q_max)
     g = grad_out.float()
     pass_x = inside1 if inside2 is None else inside1 & inside2

@@ -240,3 +240,48 @@ def test_the_quantized_student_keeps_about_what_its_fp_lora_step_keeps(student) 
     FakeQuantizer.fused = False
     composite = _saved_bytes(model, fwd, batch)
     assert fused <= 1.15 * fp < composite
+
+
+def test_compiled_block_keeps_no_float32_x_over_s(student) -> None:
+    """AOTAutograd's partitioner keeps, for backward, the quantizers' shared input rather than each quantizer's
+    float32 ``x / s`` (to_q, to_k, to_v read one LayerNorm output: keeping ``x / s`` wrote and re-read three float32
+    copies per step on the H200, docs/performance.md)."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    model, fwd, make_batch, grid = student
+    name = next(n for n, m in model.named_modules() if type(m).__name__ == "BasicTransformerBlock")
+    block = model.get_submodule(name)
+    seen = {}
+    handle = block.register_forward_pre_hook(lambda m, a, kw: seen.setdefault("in", (a, kw)), with_kwargs=True)
+    batch = make_batch(grid[torch.tensor([0, 3, 3, 9])])
+    with torch.no_grad():
+        fwd(model, batch)
+    handle.remove()
+    args, kwargs = seen["in"]
+    args = [a.detach().requires_grad_() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+    kept = []
+
+    def forward_compiler(gm: torch.fx.GraphModule, example_inputs: list) -> torch.fx.GraphModule:
+        out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        kept.extend(n for n in out[1:] if isinstance(n, torch.fx.Node) and n.op == "call_function")
+        return gm
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list):  # noqa: ANN202 - dynamo's backend signature
+        return aot_module_simplified(gm, example_inputs, fw_compiler=forward_compiler, bw_compiler=lambda g, _: g,
+                                     partition_fn=min_cut_rematerialization_partition)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend=backend, dynamic=False)
+    with qat.timestep(model, batch[1]):
+        out = compiled(*args, **kwargs)
+    (out[0] if isinstance(out, tuple) else out).square().mean().backward()
+    quantized = [m for m in block.modules() if isinstance(m, (QuantConv2d, QuantLinear)) and m._fused_input()]
+    assert len(quantized) >= 3 and kept  # the block does run fused quantized layers and keeps tensors
+    # x / s: an activation divided by a step tensor (divisions by a Python number, as diffusers' output rescaling,
+    # are the FP block's too). A quantizer alone on its input may keep x / s instead of x (the same bytes); those
+    # that share an input must not keep one each.
+    x_over_s = [n for n in kept if n.target == torch.ops.aten.div.Tensor and isinstance(n.args[1], torch.fx.Node)
+                and n.meta["val"].numel() > 64 * n.args[1].meta["val"].numel()]
+    inputs = [n.args[0] for n in x_over_s]
+    assert len(inputs) == len(set(inputs)), f"x / s kept {len(inputs)} times for {len(set(inputs))} inputs"
