@@ -36,6 +36,28 @@ def test_ldm4_recipe_has_the_paper_setting() -> None:
     assert cfg.optim.lora_lr == pytest.approx(1 / 2500)
 
 
+def test_ldm4_recipe_fast_settings_validate_and_keep_the_paper_samples() -> None:
+    # the header's "Faster on a GPU" override lines are what users paste; they must load and train as many (x_t, t)
+    # samples as the paper's schedule, with the measured learning-rate multiplier (docs/performance.md)
+    lines = (CONFIG_DIR / "efficientdm_ldm4.yaml").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("# Faster on a GPU"))
+    overrides = []
+    for line in lines[start + 1:]:
+        if not line.startswith("#   "):
+            break
+        overrides += line[1:].split()
+    base = load_config(["config=efficientdm_ldm4.yaml", "teacher.path=/m"])
+    fast = load_config(["config=efficientdm_ldm4.yaml", "teacher.path=/m", *overrides])
+    samples = base.trainer.max_steps * base.trajectories.batch_size
+    assert fast.trainer.max_steps * fast.trajectories.batch_size == samples
+    assert fast.trajectories.mode == "cached"
+    assert fast.trajectories.num_trajectories * fast.trajectories.num_steps >= samples
+    for name in ("lora_lr", "act_step_lr", "weight_step_lr"):
+        assert getattr(fast.optim, name) == pytest.approx(4 * getattr(base.optim, name)), name
+    assert fast.performance.compile and fast.performance.compile_blocks
+    assert fast.performance.compile_mode == "reduce-overhead" and fast.trainer.precision == "bf16-mixed"
+
+
 def test_override_reaches_trainer_section() -> None:
     cfg = load_config(["config=efficientdm_digits.yaml", "trainer.max_steps=20", "output_dir=/tmp/x"])
     assert cfg.trainer.max_steps == 20 and cfg.output_dir == "/tmp/x"
