@@ -74,7 +74,8 @@ def _fq_backward(grad_out: Tensor, x: Tensor, step: Tensor, zero_point: Tensor, 
         # partitioner then keeps ``x / s`` in float32 for backward, one per quantizer, where the quantizers that read
         # one normalisation's output (to_q, to_k, to_v) could share that input instead (its "used far apart" rule
         # forbids recomputing them). A copy of the small step makes the backward's a distinct expression, recomputed
-        # from the shared input; inductor drops the copy. CPU check: tests/qat/test_fast_path.py.
+        # from the shared input; inductor drops the copy. CPU check: tests/qat/test_fast_path.py. It saves memory
+        # kept for backward (CPU: 68.4 -> 62.4 MiB per attention block); on an H200 no speed change was measured.
         step = step.clone()
     q, zr, v, d, inside1, inside2 = _fq_parts(x, step, zero_point, delta, q_min, q_max)
     g = grad_out.float()
