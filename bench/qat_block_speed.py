@@ -9,7 +9,8 @@
 The whole-model step (``bench/qat_step_speed.py``) compiles every block variant, minutes per row; this script
 compiles one block per row, seconds, so that a change to the fake-quant math can be measured per block kind on
 the same inputs. Each row is one block of the EfficientDM student (``--blocks``: module names), compiled as the
-trainer's ``performance.compile_blocks`` does (``--compile-mode``, default ``reduce-overhead``), called on the
+trainer's ``performance.compile_blocks`` does (``--compile-mode``, default ``reduce-overhead``; the memory layout
+by the block's convolutions, ``--inductor-layout``: by inductor's own heuristic), called on the
 inputs it receives in a batch-``B`` forward of the whole student, then ``out.float().square().mean()``
 backpropagated into its adapters, quantizer parameters and inputs (no optimizer step). One timestep per sample, as
 the trainer's cached batches. Rows (``--rows``):
@@ -47,6 +48,7 @@ import qat  # noqa: E402
 from bench.qat_step_speed import build_models, kernel_kinds, kernel_rows, set_flags  # noqa: E402
 from qat.nn.layers import QuantConv2d, QuantLinear  # noqa: E402
 from train.config import CUDA_GRAPH_MODES  # noqa: E402
+from train.families import region_compile_kwargs  # noqa: E402
 
 DEFAULT_BLOCKS = ("down_blocks.0.resnets.0,up_blocks.3.resnets.1,down_blocks.1.attentions.0,"
                   "up_blocks.1.attentions.0")
@@ -138,7 +140,8 @@ def time_block(block: torch.nn.Module, inputs: tuple, t: torch.Tensor, args: arg
     a, kw = inputs
     leaves = [v.detach().requires_grad_(v.is_floating_point()) if torch.is_tensor(v) else v for v in a]
     torch._dynamo.reset()
-    compiled = torch.compile(block, mode=args.compile_mode, dynamic=False)
+    kwargs = {"mode": args.compile_mode, "dynamic": False}
+    compiled = torch.compile(block, **(kwargs if args.inductor_layout else region_compile_kwargs(block, **kwargs)))
     params = [p for p in block.parameters() if p.requires_grad]
 
     def step() -> None:
@@ -192,6 +195,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-mode", default="reduce-overhead")
     p.add_argument("--config", action="append", default=[], metavar="SCOPE.NAME=VALUE",
                    help="a torch._inductor / torch._functorch config value for every row (repeatable)")
+    p.add_argument("--inductor-layout", action="store_true",
+                   help="leave each compiled region's memory layout to inductor's own heuristic (before the tenth "
+                   "session); default: decided by the region's convolutions, as the trainer "
+                   "(train.families.prefers_channels_last)")
     p.add_argument("--top", type=int, default=0, help="print the N kernels with the most device time per row")
     p.add_argument("--kinds", action="store_true", help="print the GPU time by kernel kind per row")
     p.add_argument("--tiny", action="store_true", help="tiny UNet (checks the script on a CPU)")

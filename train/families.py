@@ -42,7 +42,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["Family", "TextConvention", "FAMILIES", "family_of", "family_for_class", "get_family", "set_family",
-           "denoise", "model_dtype", "compile_repeated_blocks"]
+           "denoise", "model_dtype", "compile_repeated_blocks", "prefers_channels_last",
+           "region_compile_kwargs"]
 
 FAMILY_ATTR = "diffqat_family"
 # set (True) on a model compiled with CUDA graphs (performance.compile_mode): it is then run eagerly outside autograd
@@ -317,7 +318,7 @@ def denoise(model: nn.Module, x: Tensor, t: Tensor, context: Tensor | None, fami
     return fam.denoise(model, x, t, context)
 
 
-def compile_repeated_blocks(model: nn.Module, **compile_kwargs: Any) -> int:
+def compile_repeated_blocks(model: nn.Module, *, layout_by_convolutions: bool = True, **compile_kwargs: Any) -> int:
     """Regional compilation: ``torch.compile`` of every repeated block of ``model`` in place (its family's
     ``repeated_blocks``), the rest eager; returns the number of blocks compiled.
 
@@ -327,7 +328,9 @@ def compile_repeated_blocks(model: nn.Module, **compile_kwargs: Any) -> int:
     per shape and structure variant with static shapes (``dynamic=False`` unless ``compile_kwargs`` says otherwise:
     dynamo's automatic dynamic shapes would compile the second variant of a class for symbolic sizes, slower
     kernels, and inductor failed on such a block on the CPU); dynamo's recompile limit is raised so that no variant
-    falls back to eager (an LDM-4 UNet has 19 ResNet-block variants per batch size and grad mode).
+    falls back to eager (an LDM-4 UNet has 19 ResNet-block variants per batch size and grad mode). Each block's
+    inductor options come from :func:`region_compile_kwargs` (its memory layout decided by its convolutions);
+    ``layout_by_convolutions=False`` leaves that decision to inductor alone (the comparison in ``bench/``).
     """
     import torch._dynamo
 
@@ -339,5 +342,57 @@ def compile_repeated_blocks(model: nn.Module, **compile_kwargs: Any) -> int:
         raise ValueError(f"performance.compile_blocks: no block of the classes {list(names)} in "
                          f"{type(model).__name__}; set performance.compile_blocks=false to compile the whole model")
     for block in blocks:
-        block.compile(**compile_kwargs)
+        block.compile(**(region_compile_kwargs(block, **compile_kwargs) if layout_by_convolutions else compile_kwargs))
     return len(blocks)
+
+
+#: inductor's "small channel" bound of its layout heuristic (``GraphLowering.decide_layout_opt``)
+_SMALL_CHANNELS = 64
+
+
+def prefers_channels_last(block: nn.Module) -> bool:
+    """Whether inductor's layout optimisation picks channels-last for ``block`` by its convolutions alone.
+
+    Inductor (``torch._inductor.graph.GraphLowering.decide_layout_opt``) lays a graph out channels-last when it has
+    convolutions, none grouped with more than one input channel per group, none ``k x k`` (``k > 1``) with at most
+    half as many output as input channels, and not all of them with at most 64 channels; but it skips graphs with
+    300 or more nodes per convolution ("only a few convs"). That last rule counts operations, not work: a
+    fake-quantized ``Transformer2DModel`` region (two 1x1 convolutions, ``proj_in`` / ``proj_out``) traces to about
+    790 forward nodes where its float version has about 310 (CPU trace of the LDM-4 layout), so the quantized
+    student lost the channels-last layout the float one gets. Its residual stream then stays ``(B, C, H, W)``
+    behind the ``(B, HW, C)`` view, and every LayerNorm backward reads it transposed (looped instead of persistent
+    reductions on the H200, ``docs/performance.md``). This applies the first three rules (the structure) and leaves
+    out the count; peft's adapter convolutions (``lora_A`` / ``lora_B``) are not counted, they are merged into a
+    weight in the float graph.
+    """
+    convs = [m for name, m in block.named_modules() if isinstance(m, nn.Conv2d)
+             and not any(part in ("lora_A", "lora_B") for part in name.split("."))]
+    if not convs:
+        return False
+    for m in convs:
+        in_per_group = m.in_channels // m.groups
+        if m.groups > 1 and in_per_group > 1:
+            return False  # grouped convolutions: channels-last measured much slower by inductor's authors
+        if m.out_channels * 2 <= m.in_channels and m.kernel_size[0] > 1:
+            return False
+    return not all(m.out_channels <= _SMALL_CHANNELS and m.in_channels // m.groups <= _SMALL_CHANNELS
+                   for m in convs)
+
+
+def region_compile_kwargs(block: nn.Module, **compile_kwargs: Any) -> dict[str, Any]:
+    """``compile_kwargs`` for one compiled region: inductor's layout optimisation forced on where
+    :func:`prefers_channels_last` says so (static shapes and the inductor backend only), else unchanged.
+
+    ``torch.compile`` takes a ``mode`` or ``options``, not both: a mode becomes its options
+    (``torch._inductor.list_mode_options``, what inductor does with a mode) merged with the layout option.
+    """
+    if (compile_kwargs.get("backend", "inductor") != "inductor" or compile_kwargs.get("dynamic")
+            or not prefers_channels_last(block)):
+        return dict(compile_kwargs)
+    from torch._inductor import list_mode_options
+
+    kwargs = dict(compile_kwargs)
+    mode = kwargs.pop("mode", None)
+    options = dict(list_mode_options(mode, kwargs.get("dynamic")) if mode not in (None, "default") else {})
+    kwargs["options"] = options | dict(kwargs.get("options") or {}) | {"force_layout_optimization": True}
+    return kwargs

@@ -320,3 +320,73 @@ def test_throughput_bench_runs_on_tiny_configs(monkeypatch: pytest.MonkeyPatch) 
     for r in rows:
         assert r["traj_samples_per_s"] > 0 and r["qat_samples_per_s"] > 0 and r["trainable_M"] > 0
     assert rows[1]["grad_ckpt"] and rows[1]["sample_shape"] == [2, 4, 8, 8]  # video: checkpointed, with frames
+
+
+class _Block(nn.Module):
+    """A stand-in region: the given convolutions, plus peft-style adapters that must not count."""
+
+    def __init__(self, *convs: nn.Conv2d) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(convs)
+        self.lora_A = nn.ModuleDict({"default": nn.Conv2d(8, 4, 3)})  # an adapter: small and k x k
+        self.lora_B = nn.ModuleDict({"default": nn.Conv2d(4, 8, 1)})
+
+
+def test_channels_last_is_chosen_by_the_convolutions_as_inductor_does() -> None:
+    """``prefers_channels_last`` applies inductor's structural layout rules (no grouped convolution, no ``k x k``
+    convolution that halves the channels, not all channels small) and ignores adapters."""
+    from train.families import prefers_channels_last
+
+    assert prefers_channels_last(_Block(nn.Conv2d(384, 384, 1), nn.Conv2d(384, 384, 1)))  # a transformer region
+    assert prefers_channels_last(_Block(nn.Conv2d(384, 576, 3, padding=1), nn.Conv2d(384, 576, 1)))
+    assert not prefers_channels_last(_Block(nn.Conv2d(768, 384, 3, padding=1)))  # an up block's concatenated skip
+    assert prefers_channels_last(_Block(nn.Conv2d(768, 384, 1)))  # halving is allowed for 1 x 1
+    assert not prefers_channels_last(_Block(nn.Conv2d(384, 384, 3, groups=2)))  # grouped
+    assert prefers_channels_last(_Block(nn.Conv2d(384, 384, 3, groups=384)))  # depthwise is not "grouped"
+    assert not prefers_channels_last(_Block(nn.Conv2d(64, 64, 3), nn.Conv2d(32, 64, 1)))  # all small
+    assert not prefers_channels_last(_Block())  # no convolution but the adapters: nothing to lay out
+    assert not prefers_channels_last(nn.Linear(384, 384))
+
+
+def test_region_compile_kwargs_force_the_layout_only_where_it_applies() -> None:
+    """A mode becomes its inductor options (``torch.compile`` takes one or the other) plus the forced layout; other
+    backends, dynamic shapes and blocks without a channels-last preference keep the caller's arguments."""
+    from torch._inductor import list_mode_options
+
+    from train.families import region_compile_kwargs
+
+    wide, small = _Block(nn.Conv2d(384, 384, 1)), _Block(nn.Conv2d(32, 32, 3))
+    kwargs = region_compile_kwargs(wide, mode="reduce-overhead", dynamic=False)
+    assert "mode" not in kwargs and kwargs["dynamic"] is False
+    assert kwargs["options"] == {**list_mode_options("reduce-overhead", False), "force_layout_optimization": True}
+    assert kwargs["options"]["triton.cudagraphs"] is True  # CUDA graphs kept
+    assert region_compile_kwargs(wide) == {"options": {"force_layout_optimization": True}}
+    assert region_compile_kwargs(wide, mode="default", options=None) == {
+        "options": {"force_layout_optimization": True}}
+    for block, kw in ((wide, {"backend": "aot_eager"}), (wide, {"mode": "reduce-overhead", "dynamic": True}),
+                      (small, {"mode": "reduce-overhead"})):
+        assert region_compile_kwargs(block, **kw) == kw
+    torch.compile(nn.Conv2d(384, 384, 1), **kwargs)  # torch.compile accepts the result (compiles lazily)
+
+
+def test_compile_repeated_blocks_lays_out_each_region(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every region of a UNet is compiled with its own layout decision; ``layout_by_convolutions=False`` passes the
+    arguments through (inductor's own heuristic)."""
+    from train.families import compile_repeated_blocks, prefers_channels_last
+
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(96, 192), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+    seen: dict[str, dict] = {}
+    names = {id(m): n for n, m in unet.named_modules()}
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: seen.__setitem__(names[id(self)], kw))
+    n = compile_repeated_blocks(unet, mode="reduce-overhead")
+    assert len(seen) == n > 0
+    forced = {name for name, kw in seen.items() if kw.get("options", {}).get("force_layout_optimization")}
+    assert forced == {name for name in seen if prefers_channels_last(unet.get_submodule(name))}
+    assert "down_blocks.1.attentions.0" in forced and "up_blocks.1.resnets.0" not in forced  # 1x1 vs halving 3x3
+    assert all(kw == {"mode": "reduce-overhead", "dynamic": False} for name, kw in seen.items() if name not in forced)
+    seen.clear()
+    compile_repeated_blocks(unet, mode="reduce-overhead", layout_by_convolutions=False)
+    assert all(kw == {"mode": "reduce-overhead", "dynamic": False} for kw in seen.values())
