@@ -32,7 +32,7 @@ lr_mult=${LR_MULT:-4}
 fast_mode=${FAST_MODE:-cached}
 case ${FAST_STUDENT:-graphs} in
   graphs) fast_student=(performance.compile=true performance.compile_blocks=true performance.compile_mode=reduce-overhead
-            performance.compile_kernels=false performance.compile_teacher=false) ;;
+            performance.compile_teacher=false) ;;
   kernels) fast_student=(performance.compile_kernels=true performance.compile_teacher=true) ;;
   eager) fast_student=(performance.compile_kernels=false performance.compile_teacher=false) ;;
   *) echo "FAST_STUDENT: graphs, kernels or eager, not $FAST_STUDENT"; exit 2 ;;

@@ -16,7 +16,11 @@ during its warm-up; its compile time is printed apart), with the peak memory all
   layers) with the fake quantizers written as composite ``round_ste`` ops (``FakeQuantizer.fused = False``), the
   reference path.
 * ``W4A4 step, fused STE``: the same model through :func:`qat.ste.fake_quantize_ste` (one autograd node per
-  quantizer that keeps only its input), this project's default.
+  quantizer that keeps only its input), this project's default. In ``--modes blocks`` its quantizers outside the
+  compiled blocks (``conv_in``, the time embedding, ``conv_out``) use the compiled kernels below with CUDA graphs,
+  as the trainer does with ``performance.compile_blocks`` (``--stem-kernels on|off`` in any mode), and each
+  block's memory layout is decided by its convolutions (``train.families.prefers_channels_last``;
+  ``--inductor-layout``: by inductor's own heuristic, as before).
 * ``W4A4 step, fused STE, compiled kernels``: the same with :func:`qat.ste.use_compiled_kernels` (the quantizer
   math compiled into one kernel per quantizer and pass; the model eager; only with ``--modes`` containing eager).
 * ``... mixed timesteps``: every sample of the batch at its own timestep (per-sample temporal steps).
@@ -259,6 +263,15 @@ def main() -> None:
     parser.add_argument("--alternate", type=int, default=0,
                         help="after the rows, time the FP LoRA and W4A4 steps in turns this many times each (median "
                              "of --steps per turn); their ratio then uses the medians of the turns")
+    parser.add_argument("--inductor-layout", action="store_true",
+                        help="leave each compiled region's memory layout to inductor's own heuristic (before the "
+                        "tenth session); default: decided by the region's convolutions, as the trainer "
+                        "(train.families.prefers_channels_last)")
+    parser.add_argument("--stem-kernels", choices=("auto", "on", "off"), default="auto",
+                        help="blocks mode: the W4A4 rows' quantizers outside the compiled blocks (conv_in, the time "
+                        "embedding, conv_out) through qat.ste.use_compiled_kernels (on) or eager (off, as before the "
+                        "tenth session); auto: as the trainer's unset performance.compile_kernels, on with a "
+                        "CUDA-graph --compile-mode")
     parser.add_argument("--budget-s", type=float, default=1e9, help="skip the remaining rows after this long")
     parser.add_argument("--profile", action="store_true",
                         help="after each row, torch.profiler over two more steps: the kernels that take the most "
@@ -354,7 +367,7 @@ def main() -> None:
             # overwrite each other's outputs (train.families.denoise); --gen-modes times the teacher's modes
             model = torch.compile(teacher_bf16) if mode == "compiled" else teacher_bf16
             if mode == "blocks" and not getattr(teacher_bf16, "_bench_blocks", False):
-                compile_repeated_blocks(teacher_bf16)
+                compile_repeated_blocks(teacher_bf16, layout_by_convolutions=not args.inductor_layout)
                 teacher_bf16._bench_blocks = True
 
             def fn() -> None:
@@ -367,6 +380,10 @@ def main() -> None:
 
     def step_fn(mode: str, quantized: bool, fused: bool, t: torch.Tensor,
                 kernels: bool = False) -> Callable[[], Callable[[], None]]:
+        # blocks: the quantized layers outside the compiled blocks (conv_in, the time embedding, conv_out) are eager
+        stem = args.compile_mode in CUDA_GRAPH_MODES if args.stem_kernels == "auto" else args.stem_kernels == "on"
+        kernels = kernels or (mode == "blocks" and stem and quantized and fused)
+
         def make() -> Callable[[], None]:
             set_flags(student, quantized, fused)
             qat.ste.use_compiled_kernels(kernels)
@@ -376,7 +393,8 @@ def main() -> None:
                                                      torch.compile(student, mode=args.compile_mode))
             elif mode == "blocks" and not getattr(student, "_bench_blocks", False):
                 # in place, once: later rows recompile after the dynamo reset
-                compile_repeated_blocks(student, mode=args.compile_mode)
+                compile_repeated_blocks(student, mode=args.compile_mode,
+                                        layout_by_convolutions=not args.inductor_layout)
                 student._bench_blocks = True
             # the trainer's groups by role (adapters, weight quantizers, activation quantizers; one LoRA learning
             # rate): a fused AdamW launch takes a bounded number of tensors, and the quantizers' hundreds of tiny

@@ -95,7 +95,9 @@ def apply_performance(cfg: RunConfig, student: torch.nn.Module, teacher: Teacher
     """
     p = cfg.performance
     FakeQuantizer.fused = p.fused_fake_quant
-    qat.ste.use_compiled_kernels(p.compile_kernels)
+    # unset: for the eager layers outside CUDA-graph blocks, where the GPU time is the step time (docs/performance.md)
+    graphs = p.compile and p.compile_blocks and p.compile_mode in CUDA_GRAPH_MODES
+    qat.ste.use_compiled_kernels(graphs if p.compile_kernels is None else p.compile_kernels)
     if p.compile:
         # mode only where it is not the default: other backends than inductor take no mode
         kwargs = {"backend": p.compile_backend} | ({"mode": p.compile_mode} if p.compile_mode != "default" else {})

@@ -207,10 +207,16 @@ class PerformanceConfig:
         compile_kernels: the fake-quant math of the fused quantizers compiled into one kernel per quantizer and
             pass (:func:`qat.ste.use_compiled_kernels`), the model itself eager: most of ``compile``'s gain on the
             quantizers without compiling the model (seconds, not minutes). Needs a C++ compiler (CPU) or Triton
-            (GPU). No effect with ``fused_fake_quant=false``.
+            (GPU). No effect with ``fused_fake_quant=false``. Unset: on with ``compile``, ``compile_blocks`` and a
+            CUDA-graph ``compile_mode``, where it speeds up the quantized layers outside the compiled blocks
+            (``conv_in``, the time embedding, ``conv_out``: an LDM-4 W4A4 step of batch 32, 121.3 -> 118.8 ms on an
+            H200, ``docs/performance.md``); off otherwise (without CUDA graphs that step is bound by the host, and
+            no gain was measured).
         compile_blocks: with ``compile``, compile the student's repeated blocks one by one (ResNet and transformer
             blocks; regional compilation) instead of the whole model: the compile time grows with the distinct
-            block shapes, not with the depth (tested equal to eager); the teacher is still compiled whole.
+            block shapes, not with the depth (tested equal to eager); the teacher is still compiled whole. Each
+            block is laid out channels-last where its convolutions make inductor prefer that for the float block
+            (:func:`train.families.prefers_channels_last`; the quantizers' extra graph nodes made inductor skip it).
         compile_teacher: compile the teacher (in place); unset: as ``compile``. ``compile=false
             compile_teacher=true`` keeps the student eager (no minutes of compilation) and the teacher fast.
         compile_mode: the ``torch.compile`` mode of the student (inductor): ``default``; ``reduce-overhead``
@@ -226,7 +232,7 @@ class PerformanceConfig:
     compile: bool = False
     compile_backend: str = "inductor"
     fused_fake_quant: bool = True
-    compile_kernels: bool = False
+    compile_kernels: bool | None = None
     compile_blocks: bool = False
     compile_teacher: bool | None = None
     compile_mode: str = "default"

@@ -54,6 +54,32 @@ def test_performance_keys_switch_the_quantizer_paths() -> None:
         qat.ste.use_compiled_kernels(False)
 
 
+def test_compiled_kernels_follow_compile_blocks_unless_set(monkeypatch) -> None:
+    """Unset, ``performance.compile_kernels`` is on exactly when the student is compiled by blocks with CUDA graphs
+    (its quantized layers outside the blocks, ``conv_in``, the time embedding and ``conv_out``, stay eager there and
+    cost GPU time); set, it wins."""
+    import qat
+    import train.cli as cli
+    from train.config import load_config
+
+    monkeypatch.setattr(cli, "compile_repeated_blocks", lambda model, **kw: 0)  # records nothing, compiles nothing
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: None)
+    blocks, graphs = "performance.compile_blocks=true", "performance.compile_mode=reduce-overhead"
+    cases = [((), False), ((blocks, graphs), True), ((blocks,), False), ((graphs,), False),
+             ((blocks, graphs, "performance.compile_kernels=false"), False),
+             (("performance.compile_kernels=true",), True)]
+    try:
+        for overrides, on in cases:
+            cfg = load_config(["config=efficientdm_digits.yaml", "performance.compile=true",
+                               "performance.compile_teacher=false", *overrides])
+            cli.apply_performance(cfg, torch.nn.Identity(), teacher=None)
+            assert (qat.ste._kernel("value") is not qat.ste._fq_value) is on, overrides
+        cli.apply_performance(load_config(["config=efficientdm_digits.yaml"]), torch.nn.Identity(), teacher=None)
+        assert qat.ste._kernel("value") is qat.ste._fq_value  # nothing compiled: eager kernels
+    finally:
+        qat.ste.use_compiled_kernels(False)
+
+
 def test_the_teacher_compiles_alone_when_asked() -> None:
     """``compile_teacher`` follows ``compile`` unless set."""
     from types import SimpleNamespace
