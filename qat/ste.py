@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["round_ste", "grad_scale", "sign_ste", "fake_quantize_ste", "fake_quantize_forward",
-           "fake_quantize_backward", "use_compiled_kernels"]
+__all__ = ["round_ste", "grad_scale", "sign_ste", "fake_quantize_ste", "fake_quantize_lowrank_ste",
+           "fake_quantize_forward", "fake_quantize_backward", "use_compiled_kernels"]
 
 
 def round_ste(x: Tensor) -> Tensor:
@@ -190,6 +190,93 @@ def fake_quantize_ste(x: Tensor, step: Tensor, zero_point: Tensor, q_min: int, q
         x: any shape; ``step`` / ``zero_point`` (and ``delta``, same shape as ``x``) broadcast against it.
     """
     return _FakeQuantizeSTE.apply(x, step, zero_point, delta, q_min, q_max)
+
+
+class _FakeQuantizeLowRankSTE(torch.autograd.Function):
+    """One autograd node for QALoRA's ``Q(W; s, z, delta = scaling * B A)``, see :func:`fake_quantize_lowrank_ste`."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, delta: Tensor, lora_b: Tensor, lora_a: Tensor,  # type: ignore[override]
+                step: Tensor, zero_point: Tensor, scaling: float, q_min: int, q_max: int) -> Tensor:
+        c = w.shape[0]
+        s, zr = step.float().reshape(-1, 1), torch.round(zero_point.float()).reshape(-1, 1)
+        q = (torch.round(w.reshape(c, -1).float() / s) + zr).clamp(q_min, q_max)
+        r = torch.round(delta.reshape(c, -1).float() / s)
+        q = (q + r).clamp(q_min, q_max)
+        # Beyond +-span the outer clip gives the same code and mask, so a narrow integer keeps r exactly.
+        span = q_max - q_min + 1
+        code = r.clamp(-span, span).to(torch.int8 if span < 127 else torch.int16 if span < 32767 else torch.int32)
+        ctx.save_for_backward(w, lora_b, lora_a, step, zero_point, code)
+        ctx.scaling, ctx.q_min, ctx.q_max = scaling, q_min, q_max
+        return ((q - zr) * s).reshape(w.shape).to(w.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        w, lora_b, lora_a, step, zero_point, code = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        c, rank = w.shape[0], lora_a.shape[0]
+        s, zr = step.float().reshape(-1, 1), torch.round(zero_point.float()).reshape(-1, 1)
+        g = grad_out.reshape(c, -1).float()
+        v = w.reshape(c, -1).float() / s
+        q1 = torch.round(v) + zr
+        q = q1.clamp(ctx.q_min, ctx.q_max)
+        q2 = q + code.float()
+        qf = q2.clamp(ctx.q_min, ctx.q_max)
+        inside = qf == q2  # the outer clip left the code alone: the gradient reaches delta
+        passed = inside & (q == q1)  # and the inner one too: it reaches w / s
+        grad_delta = torch.where(inside, g, 0.0)
+        b2, a2 = lora_b.reshape(c, rank).float(), lora_a.reshape(rank, -1).float()
+        grad_b = (grad_delta @ a2.t()) * ctx.scaling  # (C, r)
+        grad_a = (b2.t() @ grad_delta) * ctx.scaling if needs[3] else None  # (r, K)
+        grad_step = grad_zero = None
+        if needs[4]:
+            # dQ/ds summed per row: sum_k g (q - z) - sum_k [passed] g w/s - sum_k [inside] g delta/s, where the last
+            # sum is (1/s) sum_r B_cr dL/dB_cr (delta = scaling B A), so delta itself is never recomputed.
+            row = (g * (qf - zr) - torch.where(passed, g * v, 0.0)).sum(1, keepdim=True)
+            row = row - (b2 * grad_b).sum(1, keepdim=True) / s
+            grad_step = row.sum_to_size(s.shape).reshape(step.shape).to(step.dtype)
+        if needs[5]:
+            grad_zero = (torch.where(passed, 0.0, g).sum(1, keepdim=True) * -s).sum_to_size(s.shape)
+            grad_zero = grad_zero.reshape(zero_point.shape).to(zero_point.dtype)
+        grad_b = grad_b.reshape(lora_b.shape).to(lora_b.dtype) if needs[2] else None
+        grad_a = None if grad_a is None else grad_a.reshape(lora_a.shape).to(lora_a.dtype)
+        return None, None, grad_b, grad_a, grad_step, grad_zero, None, None, None
+
+
+def fake_quantize_lowrank_ste(w: Tensor, delta: Tensor, lora_b: Tensor, lora_a: Tensor, step: Tensor,
+                              zero_point: Tensor, scaling: float, q_min: int, q_max: int) -> Tensor:
+    """QALoRA's quantized weight as one node: :func:`fake_quantize_ste` of a frozen ``w`` with
+    ``delta = scaling * B A`` (EfficientDM Sec. 3.1), whose backward needs neither ``delta`` nor ``B A``.
+
+    forward (the values of ``fake_quantize_ste(w, step, zero_point, q_min, q_max, delta)``)::
+
+        q = clip(clip(round(w / s) + z, q_min, q_max) + round(delta / s), q_min, q_max);   Q = s (q - z)
+
+    backward: the same straight-through gradients, reaching ``B`` and ``A`` through ``dL/d delta = [inside] g``
+    (``dL/dB = scaling (dL/d delta) A^T``, ``dL/dA = scaling B^T (dL/d delta)``), and the step through
+
+        dL/ds_c = sum_k g (q - z) - sum_k [passed] g w / s_c - (1 / s_c) sum_r B_cr dL/dB_cr
+
+    where the last term is ``sum_k [inside] g delta / s_c`` rewritten with ``delta = scaling B A``. So the
+    backward reads ``w`` and one small integer per element (``round(delta / s)``, clipped to the code range; int8
+    up to 6 bits), not the float32 ``B A`` that recomputing the forward (``torch.utils.checkpoint``) writes and
+    reads again. The sums run in another order than the composite form's (float32 rounding). The two matmuls
+    run as autocast runs them where backward is traced with the forward's autocast state (``torch.compile``: bf16
+    under bf16 autocast, as peft's product and its gradients are), else in float32 (TF32 where enabled).
+
+    Args:
+        w: the frozen weight, ``(C_out, ...)``; no gradient is returned for it.
+        delta: ``scaling * B A`` in ``w``'s shape (computed by the caller, e.g. peft's ``get_delta_weight``, so
+            that forward values are those of the layer's own product); no gradient is returned for it.
+        lora_b: ``(C_out, r, ...)``; ``lora_a``: ``(r, ...)``, with ``B.reshape(C_out, r) @ A.reshape(r, -1)`` equal
+            to ``delta / scaling`` in ``w.reshape(C_out, -1)``'s layout (peft's linear and ``groups=1`` conv LoRA).
+        step, zero_point: one value per output channel or one per tensor (any shape of that many elements that
+            broadcasts against ``w``).
+    """
+    if step.numel() not in (1, w.shape[0]) or zero_point.numel() != step.numel():
+        raise ValueError(f"fake_quantize_lowrank_ste: step and zero_point need one value per tensor or per output "
+                         f"channel ({w.shape[0]}), got {tuple(step.shape)} and {tuple(zero_point.shape)}")
+    return _FakeQuantizeLowRankSTE.apply(w, delta, lora_b, lora_a, step, zero_point, scaling, q_min, q_max)
 
 
 # -- compiled kernels --------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from qat.nn.layers import QuantConv2d, QuantLinear
+from qat.ste import fake_quantize_lowrank_ste
 
 __all__ = ["QALoRALinear", "QALoRAConv2d", "QALORA_LAYERS", "add_qalora", "qalora_layers", "merge_qalora"]
 
@@ -51,8 +52,16 @@ class _QALoRAMixin:
             return base(x, weight_delta=self.delta_weight())
         # Recomputed in backward (one rank-r matmul and an elementwise pass) rather than keeping B A and its
         # quantizer inputs: those are weight-sized float32 tensors per layer, more than a float LoRA step keeps.
-        if torch.compiler.is_compiling():  # a compiled graph handles checkpoint regions natively
-            weight = checkpoint(self._quantized_weight, use_reentrant=False)
+        if torch.compiler.is_compiling():
+            # One node that keeps a small integer per weight element instead of recomputing peft's product B A in
+            # backward (a weight-sized float32 tensor written and read again per layer; for k x k convolutions a
+            # cuDNN convolution with layout conversions): qat.ste.fake_quantize_lowrank_ste. Other layouts take a
+            # checkpoint region, which a compiled graph handles natively.
+            lowrank = self._lowrank_inputs()
+            if lowrank is not None:
+                weight = fake_quantize_lowrank_ste(*lowrank)
+            else:
+                weight = checkpoint(self._quantized_weight, use_reentrant=False)
         else:  # eager: a plain autograd node, without torch.utils.checkpoint's per-call bookkeeping
             slots = [(m, n) for m, n in self._weight_inputs() if m._parameters[n].requires_grad]
             if slots:
@@ -60,6 +69,27 @@ class _QALoRAMixin:
             else:
                 weight = self._quantized_weight()
         return base(x, quantized_weight=weight)
+
+    def _lowrank_inputs(self) -> tuple | None:
+        """Arguments of :func:`qat.ste.fake_quantize_lowrank_ste` for this layer, or None where it does not apply
+        (several or no active adapters, DoRA, a transposed or grouped layout, a trained base weight, a disabled,
+        composite or per-group weight quantizer)."""
+        base = self.get_base_layer()
+        q = base.weight_quantizer
+        names = [n for n in self.active_adapters if n in self.lora_A]
+        if (len(names) != 1 or q is None or not q.enabled or not q.fused or base.weight.requires_grad
+                or q.config.granularity == "group" or (q.config.granularity == "channel" and q.channel_axis != 0)
+                or getattr(self, "fan_in_fan_out", False) or getattr(base, "groups", 1) != 1
+                or self.use_dora.get(names[0], False) or names[0] in getattr(self, "lora_variant", {})):
+            return None
+        _, step, zero = q._params(base.weight)
+        if step.numel() not in (1, base.weight.shape[0]):  # one step per tensor or per output channel only
+            return None
+        name = names[0]
+        with torch.no_grad():  # the layer's own product: forward values equal the checkpointed path's
+            delta = self.get_delta_weight(name).float()
+        return (base.weight, delta, self.lora_B[name].weight, self.lora_A[name].weight, step, zero,
+                float(self.scaling[name]), q.q_min, q.q_max)
 
     def _quantized_weight(self) -> Tensor:
         return self.get_base_layer().quantized_weight(self.delta_weight())
@@ -115,6 +145,10 @@ class _RecomputedWeight(torch.autograd.Function):
     def forward(ctx, layer: _QALoRAMixin, slots: list[tuple[nn.Module, str]],  # type: ignore[override]
                 *params: Tensor) -> Tensor:
         ctx.layer, ctx.slots, ctx.params = layer, slots, params  # parameters live anyway: no activation memory
+        # Backward runs outside the forward's autocast region; the recomputation re-enters it (as
+        # torch.utils.checkpoint does), so that peft's product B A and the codes are the forward's.
+        device = params[0].device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         with torch.no_grad():
             return layer._quantized_weight()
 
@@ -124,7 +158,8 @@ class _RecomputedWeight(torch.autograd.Function):
         try:
             for (module, name), alias in zip(ctx.slots, aliases):
                 module._parameters[name] = alias
-            with torch.enable_grad():
+            device, enabled, dtype = ctx.autocast
+            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
                 weight = ctx.layer._quantized_weight()
         finally:
             for (module, name), param in zip(ctx.slots, ctx.params):

@@ -20,6 +20,7 @@ from qat.nn import QALoRAConv2d, QALoRALinear, QuantConv2d, QuantLinear
 from qat.optim import param_groups, scale_aware_gradient_hooks
 from qat.prepare import LayerRule, QuantSpec
 from qat.quantizers import LSQConfig, TemporalLSQConfig
+from qat.ste import fake_quantize_lowrank_ste
 
 W4 = LSQConfig(n_bits=4, granularity="channel")  # unsigned asymmetric per channel, as EfficientDM
 RANK = 4
@@ -314,26 +315,125 @@ def _grads_of(net: Net, xs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def test_recomputed_weight_node_matches_checkpoint_and_plain_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The eager recompute node gives the gradients of torch.utils.checkpoint (the compiled path) and of keeping
-    the whole graph; the parameters are restored after its backward."""
+    """The eager recompute node gives the gradients of the compiled branch (the low-rank node, and
+    torch.utils.checkpoint where that does not apply) and of keeping the whole graph; the parameters are restored
+    after its backward."""
     xs = inputs()
-    nets = [make() for _ in range(3)]
+    nets = [make() for _ in range(4)]
     for net in nets:
         randomise_b(net)
     eager = _grads_of(nets[0], xs)
-    with monkeypatch.context() as m:  # the branch a compiled graph takes
+    calls: list[int] = []
+    with monkeypatch.context() as m:  # the branch a compiled graph takes: qat.ste.fake_quantize_lowrank_ste
         m.setattr(torch.compiler, "is_compiling", lambda: True)
-        ckpt = _grads_of(nets[1], xs)
+        m.setattr(qat.nn.qalora, "fake_quantize_lowrank_ste",
+                  lambda *args: calls.append(1) or fake_quantize_lowrank_ste(*args))
+        lowrank = _grads_of(nets[1], xs)
+    assert len(calls) == 2  # conv and fc
+    with monkeypatch.context() as m:  # where it does not apply: a checkpoint region
+        m.setattr(torch.compiler, "is_compiling", lambda: True)
+        m.setattr(qat.nn.qalora._QALoRAMixin, "_lowrank_inputs", lambda self: None)
+        ckpt = _grads_of(nets[2], xs)
     with monkeypatch.context() as m:  # no recomputation at all
         m.setattr(qat.nn.qalora, "checkpoint", lambda fn, use_reentrant: fn())
+        m.setattr(qat.nn.qalora._QALoRAMixin, "_lowrank_inputs", lambda self: None)
         m.setattr(torch.compiler, "is_compiling", lambda: True)
-        plain = _grads_of(nets[2], xs)
-    assert set(eager) == set(ckpt) == set(plain) and any("lora_A" in k for k in eager)
+        plain = _grads_of(nets[3], xs)
+    assert set(eager) == set(lowrank) == set(ckpt) == set(plain) and any("lora_A" in k for k in eager)
+    assert any("weight_quantizer.step" in k for k in eager)
     for k in eager:
         torch.testing.assert_close(eager[k], ckpt[k], rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(eager[k], plain[k], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(eager[k], lowrank[k], rtol=1e-5, atol=1e-6)  # sums in another order
     for name in ("conv", "fc"):  # every slot holds its nn.Parameter again
         layer = getattr(nets[0], name)
         assert all(isinstance(p, nn.Parameter) for p in layer.parameters())
         params = dict(nets[0].named_parameters())
         assert base(layer).weight_quantizer.step is params[f"{name}.base_layer.weight_quantizer.step"]
+
+
+def test_lowrank_node_applies_only_to_its_layout() -> None:
+    """The compiled branch's low-rank node needs one adapter, a frozen base weight and a per-channel or per-tensor
+    weight quantizer; other layers keep the checkpoint region."""
+    net = make()
+    assert all(getattr(net, n)._lowrank_inputs() is not None for n in ("conv", "fc"))
+    base(net.fc).weight.requires_grad_(True)  # a trained base weight needs its gradient
+    assert net.fc._lowrank_inputs() is None
+    net = make()
+    base(net.conv).weight_quantizer.enabled = False
+    assert net.conv._lowrank_inputs() is None
+    net = make()
+    for branch in (net.fc.lora_A, net.fc.lora_B):  # a second adapter: delta is the sum of two products
+        branch["second"] = copy.deepcopy(branch["default"])
+    net.fc.scaling["second"] = 1.0
+    net.fc.set_adapter(["default", "second"])
+    assert list(net.fc.active_adapters) == ["default", "second"]
+    assert net.fc._lowrank_inputs() is None
+    group = LSQConfig(n_bits=4, granularity="group", group_size=5)
+    spec = QuantSpec(rules=[LayerRule(patterns=["fc"], weight=group, lora=True)], lora_rank=RANK)
+    net = Net()
+    qat.prepare(net, spec)
+    qat.initialize_weight_quantizers(net)
+    assert net.fc._lowrank_inputs() is None
+
+
+@pytest.mark.parametrize("name", ["conv", "fc"])
+def test_compiled_layer_keeps_int8_codes_not_b_a_and_gives_the_eager_gradients(name: str) -> None:
+    """Compiled (AOTAutograd's min-cut partitioner), a QALoRA layer keeps for backward its inputs, parameters and
+    one int8 code per weight element, no float32 weight-sized tensor (B A or the quantizer's input; under bf16
+    autocast), and its gradients are the eager recompute node's (float32)."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    kept: list[torch.Tensor] = []
+
+    def forward_compiler(gm: torch.fx.GraphModule, example_inputs: list) -> torch.fx.GraphModule:
+        out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        kept.extend(n.meta["val"] for n in out[1:] if isinstance(n, torch.fx.Node) and n.op == "call_function")
+        return gm
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list):  # noqa: ANN202 - dynamo's backend signature
+        return aot_module_simplified(gm, example_inputs, fw_compiler=forward_compiler, bw_compiler=lambda g, _: g,
+                                     partition_fn=min_cut_rematerialization_partition)
+
+    x = inputs()[name]
+    grads = []
+    for autocast, compiled in ((True, True), (False, False), (False, True)):
+        net = make()
+        randomise_b(net)
+        layer = getattr(net, name)
+        torch._dynamo.reset()
+        kept.clear()
+        call = torch.compile(layer, backend=backend, dynamic=False) if compiled else layer
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            out = call(x)
+        out.float().square().sum().backward()
+        if autocast:
+            numel = base(layer).weight.numel()
+            weight_sized = [t.dtype for t in kept if t.numel() == numel]
+            assert torch.int8 in weight_sized and torch.float32 not in weight_sized, weight_sized
+        else:
+            grads.append({n: p.grad for n, p in net.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("weight_quantizer.step" in k for k in grads[0])
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_recomputed_weight_node_recomputes_under_the_forwards_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Backward runs outside the autocast region; the eager node recomputes peft's product B A in the forward's
+    autocast dtype, so its gradients are those of keeping the whole graph (float32 recomputation moved codes)."""
+    xs = inputs()
+    grads = []
+    for keep_graph in (False, True):
+        net = make()
+        randomise_b(net)
+        with monkeypatch.context() as m:
+            if keep_graph:
+                m.setattr(qat.nn.qalora._RecomputedWeight, "apply", lambda layer, slots, *p: layer._quantized_weight())
+            with torch.autocast("cpu", torch.bfloat16):
+                loss = sum(getattr(net, n)(xs[n]).float().square().sum() for n in ("conv", "fc"))
+            loss.backward()
+        grads.append({n: p.grad for n, p in net.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("weight_quantizer.step" in k for k in grads[0])
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-6, atol=1e-7, msg=k)

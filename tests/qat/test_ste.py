@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qat.ste import fake_quantize_ste, grad_scale, round_ste, sign_ste
+from qat.ste import fake_quantize_lowrank_ste, fake_quantize_ste, grad_scale, round_ste, sign_ste
 
 
 def _wide_values(n: int = 20000) -> torch.Tensor:
@@ -175,3 +175,60 @@ def test_sum_to_reduces_inner_rows_first(monkeypatch) -> None:
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
     ste._sum_to(torch.ones(4, 3, 5, 5), torch.Size(()))
     assert calls == []  # eagerly: sum_to_size alone, no extra kernel
+
+
+# -- fake_quantize_lowrank_ste: QALoRA's weight node must equal fake_quantize_ste of w with delta = scaling B A -----
+
+
+@pytest.mark.parametrize("w_shape", [(6, 5), (6, 5, 1, 1), (6, 4, 3, 3)])
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("bits", [(0, 15), (-128, 127), (0, 1)])
+def test_fake_quantize_lowrank_ste_matches_the_composite_reference(w_shape, per_channel, bits) -> None:
+    torch.manual_seed(2)
+    q_min, q_max, rank, scaling = *bits, 3, 0.7
+    c = w_shape[0]
+    w = torch.randn(w_shape)
+    b0 = torch.randn(c, rank, *(1,) * (len(w_shape) - 2))  # peft: a 1x1 conv for conv layers
+    a0 = torch.randn(rank, *w_shape[1:]) * 0.5
+    param_shape = (c,) + (1,) * (len(w_shape) - 1) if per_channel else ()
+    s0 = torch.rand(param_shape) * 0.3 + 0.1
+    z0 = torch.randn(param_shape) * 2 + (q_min + q_max) / 2  # partly outside the range: both clips are exercised
+    results = []
+    for lowrank in (True, False):
+        b, a, s, z = (t.clone().requires_grad_(True) for t in (b0, a0, s0, z0))
+        delta = scaling * (b.reshape(c, rank) @ a.reshape(rank, -1)).reshape(w_shape)
+        if lowrank:
+            out = fake_quantize_lowrank_ste(w, delta.detach(), b, a, s, z, scaling, q_min, q_max)
+        else:
+            out = _composite(w, s, z, q_min, q_max, delta)
+        upstream = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
+        (out * upstream).sum().backward()
+        results.append((out.detach(), b.grad, a.grad, s.grad, z.grad))
+    fast, ref = results
+    assert torch.equal(fast[0], ref[0])  # forward values are bit-identical
+    for x, y in zip(fast[1:], ref[1:], strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    if q_max - q_min < 100:  # the outer clip both passes and stops the gradient to delta somewhere
+        delta = (scaling * (b0.reshape(c, rank) @ a0.reshape(rank, -1))).reshape(w_shape).requires_grad_(True)
+        _composite(w, s0, z0, q_min, q_max, delta).sum().backward()
+        assert (delta.grad == 0).any() and (delta.grad != 0).any()
+
+
+def test_fake_quantize_lowrank_ste_saves_a_small_integer_per_element_and_rejects_group_steps() -> None:
+    c, k, rank = 64, 288, 8
+    w = torch.randn(c, k)
+    b, a = torch.randn(c, rank, requires_grad=True), torch.randn(rank, k, requires_grad=True)
+    s, z = torch.full((c, 1), 0.2, requires_grad=True), torch.full((c, 1), 8.0)
+    delta = (b @ a).detach()
+    saved: list[tuple[torch.dtype, int]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append((t.dtype, t.numel()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fake_quantize_lowrank_ste(w, delta, b, a, s, z, 1.0, 0, 15)
+    weight_sized = [dtype for dtype, n in saved if n == w.numel()]
+    assert sorted(weight_sized, key=str) == sorted([torch.float32, torch.int8], key=str)  # w itself and the codes
+    with pytest.raises(ValueError, match="per output channel"):
+        fake_quantize_lowrank_ste(w, delta, b, a, torch.ones(c, 2), torch.zeros(c, 2), 1.0, 0, 15)
