@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import re
 import statistics
 import sys
 import time
@@ -199,9 +200,10 @@ def kernel_kinds(rows: list[tuple[str, float, float]]) -> dict[str, tuple[float,
     return out
 
 
-def print_profile(fn: Callable[[], None], label: str, cuda: bool, steps: int = 2) -> None:
+def print_profile(fn: Callable[[], None], label: str, cuda: bool, steps: int = 2, out: Path | None = None) -> None:
     """torch.profiler over ``steps`` calls of ``fn``: host time per step, the GPU time by kernel kind and the top
-    kernels by device time."""
+    kernels by device time; with ``out`` also every kernel of the row (name, GPU ms and launches per step) as a
+    tab-separated file named after the label, to compare two rows kernel by kernel."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -216,6 +218,11 @@ def print_profile(fn: Callable[[], None], label: str, cuda: bool, steps: int = 2
     rows = kernel_rows(prof, steps) if cuda else []
     print(f"\n## profile: {label}: host {host * 1e3:.1f} ms / step (profiled), device busy "
           f"{sum(r[1] for r in rows):.1f} ms / step, {sum(r[2] for r in rows):.0f} kernels / step\n")
+    if out is not None and rows:
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / (re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_") + ".tsv")
+        path.write_text("".join(f"{ms:.4f}\t{n:.1f}\t{name}\n" for name, ms, n in rows))
+        print(f"# every kernel: {path}")
     if cuda:
         print("| kernel kind | GPU ms / step | kernels / step |\n|---|---|---|")
         for kind, (ms, n) in kernel_kinds(rows).items():
@@ -276,6 +283,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="after each row, torch.profiler over two more steps: the kernels that take the most "
                              "device time and the host (CPU) time per step")
+    parser.add_argument("--kernels-out", type=Path, default=None,
+                        help="with --profile: write every kernel of each profiled row to a .tsv file in this folder")
     parser.add_argument("--saved-bytes", action="store_true",
                         help="only count the bytes each variant saves for backward in one eager forward (any device; "
                              "the activation-memory part of the peak, without timing)")
@@ -359,7 +368,7 @@ def main() -> None:
         print(f"| {row} | {mode} | {med * 1e3:.1f} | {b / med:.1f} | {mem:.1f} | {reserved:.1f} | {compile_s} | "
               f"{host * 1e3:.1f} | {gpu * 1e3:.1f} |", flush=True)
         if args.profile:
-            print_profile(fn, f"{row}, {mode}", cuda)
+            print_profile(fn, f"{row}, {mode}", cuda, out=args.kernels_out)
 
     def teacher_fn(mode: str) -> Callable[[], Callable[[], None]]:
         def make() -> Callable[[], None]:
