@@ -53,6 +53,9 @@ def main() -> None:
     p.add_argument("second", type=Path)
     p.add_argument("--min-ms", type=float, default=0.05, help="leave out groups that differ by less")
     args = p.parse_args()
+    for path in (args.first, args.second):
+        if not path.is_file():
+            p.error(f"no such file: {path} (write one with bench/qat_step_speed.py --profile --kernels-out DIR)")
     a, b = load(args.first), load(args.second)
     zero = (0.0, 0.0)
     print(f"| group | {args.first.name} ms (kernels) | {args.second.name} ms (kernels) | difference ms |\n"

@@ -4,6 +4,8 @@
     python bench/qat_step_speed.py --modes blocks --rows fp,fused   # regional compilation (compile_blocks)
     python bench/qat_step_speed.py --modes blocks --rows fp,fused --compile-mode reduce-overhead   # + CUDA graphs
     python bench/qat_step_speed.py --modes eager --profile          # + torch.profiler: host vs device, top kernels
+    python bench/qat_step_speed.py --modes blocks --rows fp,fused --profile --kernels-out k   # + every kernel per row
+    python bench/kernel_diff.py k/FP_LoRA_step_blocks.tsv k/W4A4_step_fused_STE_blocks.tsv  # the two by kernel group
     python bench/qat_step_speed.py --tiny --device cpu    # checks the script itself on a CPU (tiny UNet)
 
 Every row is the median of ``--steps`` timed steps after ``--warmup`` untimed ones (a compiled variant compiles
@@ -289,6 +291,8 @@ def main() -> None:
                         help="only count the bytes each variant saves for backward in one eager forward (any device; "
                              "the activation-memory part of the peak, without timing)")
     args = parser.parse_args()
+    if args.kernels_out is not None and not (args.profile and args.device.startswith("cuda")):
+        parser.error("--kernels-out lists the GPU kernels of --profile: it needs --profile and a CUDA --device")
     device = torch.device(args.device)
     rows, modes = args.rows.split(","), args.modes.split(",")
     start = time.time()
