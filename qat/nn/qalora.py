@@ -50,8 +50,9 @@ class _QALoRAMixin:
             return base(x)
         if not torch.is_grad_enabled():
             return base(x, weight_delta=self.delta_weight())
-        # Recomputed in backward (one rank-r matmul and an elementwise pass) rather than keeping B A and its
-        # quantizer inputs: those are weight-sized float32 tensors per layer, more than a float LoRA step keeps.
+        # Nothing weight-sized in float32 is kept for backward (B A and the quantizer's input would be one per
+        # layer, more than a float LoRA step keeps): compiled, the low-rank node keeps int8 codes; eagerly, and in
+        # the compiled fallback, the weight is recomputed in backward (one rank-r product and an elementwise pass).
         if torch.compiler.is_compiling():
             # One node that keeps a small integer per weight element instead of recomputing peft's product B A in
             # backward (a weight-sized float32 tensor written and read again per layer; for k x k convolutions a
