@@ -1,9 +1,9 @@
 """Re-evaluates a trained, checkpointed or exported student: ``python evaluate.py <source> [key=value ...]``.
 
-See :mod:`train.eval_cli` for the accepted sources and keys.
+See :mod:`train.eval.cli` for the accepted sources and keys.
 """
 
-from train.eval_cli import main
+from train.eval.cli import main
 
 if __name__ == "__main__":
     main()

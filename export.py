@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> Path:
     from train.cli import build_student
     from train.config import load_config as load_run_config
     from train.export_run import export_run, student_dir
-    from train.teacher import load_teacher
+    from train.models.teacher import load_teacher
 
     sdir = student_dir(args.run)
     out: Path = args.out

@@ -5,7 +5,7 @@
 
 Builds a random UNet with the LDM-4 layout (``ldm4``: 400.9M parameters; ``narrow``: the same blocks and layers
 with channels (32, 64, 96, 160), 12.7M), the W4A4 EfficientDM student (``--fp``: every quantizer off, the FP LoRA
-step), compiles it (``--scope whole``: the model; ``blocks``: ``train.families.compile_repeated_blocks``) and
+step), compiles it (``--scope whole``: the model; ``blocks``: ``train.models.families.compile_repeated_blocks``) and
 times the first forward + backward (the compilation) and the second, at batch 2 and the UNet's sample size.
 """
 
@@ -24,7 +24,7 @@ import qat  # noqa: E402
 from bench.make_random_ldm4 import ldm4_unet  # noqa: E402
 from bench.qat_step_speed import set_flags  # noqa: E402
 from qat.methods.efficientdm import EfficientDMConfig, build_student  # noqa: E402
-from train.families import compile_repeated_blocks  # noqa: E402
+from train.models.families import compile_repeated_blocks  # noqa: E402
 
 
 def main() -> None:

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     args = parser.parse_args(argv)
 
     from train.cli import main as train_main
-    from train.digits_teacher import machine_description
+    from train.tools.digits_teacher import machine_description
 
     out = Path(args.out)
     results: dict[str, dict] = {}

@@ -8,7 +8,7 @@ Per family the denoiser is built from its published config (written below, nothi
 device with random weights (``torch.device`` as the default device, so no slow CPU init), the teacher in bf16, and
 two things are timed (``--warmup`` untimed + ``--steps`` timed iterations, synchronised):
 
-* trajectory generation: one step of :class:`train.trajectories.OnlineTrajectories` (the trainer's online data
+* trajectory generation: one step of :class:`train.data.trajectories.OnlineTrajectories` (the trainer's online data
   source): the teacher's CFG call on ``2 B`` inputs (uncond + cond) and the DDIM / flow update, with the recipe's
   CFG scale. samples/s = ``B`` training samples ``(x_t, t, c, eps)`` produced per second.
 * QAT step: the same trajectory step (the teacher targets) plus the EfficientDM student (W4A4 QALoRA rank 32 +
@@ -46,9 +46,9 @@ import diffusers  # noqa: E402
 
 import qat  # noqa: E402
 from qat.methods.efficientdm import EfficientDMConfig, build_student  # noqa: E402
-from train.families import denoise, set_family  # noqa: E402
-from train.teacher import Teacher  # noqa: E402
-from train.trajectories import OnlineTrajectories  # noqa: E402
+from train.data.trajectories import OnlineTrajectories  # noqa: E402
+from train.models.families import denoise, set_family  # noqa: E402
+from train.models.teacher import Teacher  # noqa: E402
 
 
 @dataclass
@@ -56,7 +56,7 @@ class Spec:
     """One family at published size (``real``) and at test size (``tiny``).
 
     Args:
-        label: the model in the table; family: :mod:`train.families` name; cls: diffusers class name.
+        label: the model in the table; family: :mod:`train.models.families` name; cls: diffusers class name.
         real / tiny: constructor arguments; scheduler: (class name, config) of the teacher's scheduler.
         text: (tokens, width) of the text states, or None (class labels); batch: default batch size (real size).
         guidance: the recipe's CFG scale; shape: sample shape override (Wan: latents of 49 frames at 480x832).

@@ -3,12 +3,12 @@
     pip install "diffqat[fid]"      # torch-fidelity + the torchvision matching your torch
     python bench/inception_check.py
 
-The unit tests drive :mod:`train.fidelity` with a small stand-in network because torch-fidelity cannot be installed
-next to the CPU torch of CI. This script builds torch-fidelity's own ``FeatureExtractorInceptionV3`` with random
-weights (nothing is downloaded), saves them, and runs the real path: ``load_inception`` (safe weights validation,
-the sFID hook on ``Mixed_6d.branch1x1``), feature shapes, and ``distribution_metrics`` of an image set against itself
-(FID = sFID = 0, precision = recall = 1) and against a shifted set. The numbers mean nothing about image quality
-(random weights); the check is that every piece runs on the real network and the identities hold.
+The unit tests drive :mod:`train.eval.fidelity` with a small stand-in network because torch-fidelity cannot be
+installed next to the CPU torch of CI. This script builds torch-fidelity's own ``FeatureExtractorInceptionV3`` with
+random weights (nothing is downloaded), saves them, and runs the real path: ``load_inception`` (safe weights
+validation, the sFID hook on ``Mixed_6d.branch1x1``), feature shapes, and ``distribution_metrics`` of an image set
+against itself (FID = sFID = 0, precision = recall = 1) and against a shifted set. The numbers mean nothing about image
+quality (random weights); the check is that every piece runs on the real network and the identities hold.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def random_inception_weights(path: Path) -> None:
 
 
 def main() -> None:
-    from train.fidelity import distribution_metrics, load_inception, reference_statistics
+    from train.eval.fidelity import distribution_metrics, load_inception, reference_statistics
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as tmp:

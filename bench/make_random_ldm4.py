@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from train.models import ClassEmbedder
+from train.models.class_embedder import ClassEmbedder
 
 
 def ldm4_unet() -> UNet2DConditionModel:

@@ -48,7 +48,7 @@ import qat  # noqa: E402
 from bench.qat_step_speed import build_models, kernel_kinds, kernel_rows, set_flags  # noqa: E402
 from qat.nn.layers import QuantConv2d, QuantLinear  # noqa: E402
 from train.config import CUDA_GRAPH_MODES  # noqa: E402
-from train.families import region_compile_kwargs  # noqa: E402
+from train.models.families import region_compile_kwargs  # noqa: E402
 
 DEFAULT_BLOCKS = ("down_blocks.0.resnets.0,up_blocks.3.resnets.1,down_blocks.1.attentions.0,"
                   "up_blocks.1.attentions.0")
@@ -198,7 +198,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--inductor-layout", action="store_true",
                    help="leave each compiled region's memory layout to inductor's own heuristic (before the tenth "
                    "session); default: decided by the region's convolutions, as the trainer "
-                   "(train.families.prefers_channels_last)")
+                   "(train.models.families.prefers_channels_last)")
     p.add_argument("--top", type=int, default=0, help="print the N kernels with the most device time per row")
     p.add_argument("--kinds", action="store_true", help="print the GPU time by kernel kind per row")
     p.add_argument("--tiny", action="store_true", help="tiny UNet (checks the script on a CPU)")

@@ -21,12 +21,12 @@ during its warm-up; its compile time is printed apart), with the peak memory all
   quantizer that keeps only its input), this project's default. In ``--modes blocks`` its quantizers outside the
   compiled blocks (``conv_in``, the time embedding, ``conv_out``) use the compiled kernels below with CUDA graphs,
   as the trainer does with ``performance.compile_blocks`` (``--stem-kernels on|off`` in any mode), and each
-  block's memory layout is decided by its convolutions (``train.families.prefers_channels_last``;
+  block's memory layout is decided by its convolutions (``train.models.families.prefers_channels_last``;
   ``--inductor-layout``: by inductor's own heuristic, as before).
 * ``W4A4 step, fused STE, compiled kernels``: the same with :func:`qat.ste.use_compiled_kernels` (the quantizer
   math compiled into one kernel per quantizer and pass; the model eager; only with ``--modes`` containing eager).
 * ``... mixed timesteps``: every sample of the batch at its own timestep (per-sample temporal steps).
-* ``trajectory generation``: :func:`train.trajectories._trajectories` (DDIM, eta 1, CFG 1.5: ``B / 2``
+* ``trajectory generation``: :func:`train.data.trajectories.trajectory_steps` (DDIM, eta 1, CFG 1.5: ``B / 2``
   trajectories, so every teacher call has batch ``B``), per teacher call, against the compiled teacher forward;
   one row per ``--gen-modes`` compile mode of the teacher (``reduce-overhead``: CUDA graphs), each checked
   against the first on the same three steps.
@@ -71,7 +71,7 @@ from bench.make_random_ldm4 import ldm4_unet  # noqa: E402
 from qat.methods.efficientdm import EfficientDMConfig, build_student  # noqa: E402
 from qat.quantizers import FakeQuantizer  # noqa: E402
 from train.config import CUDA_GRAPH_MODES  # noqa: E402
-from train.families import compile_repeated_blocks  # noqa: E402
+from train.models.families import compile_repeated_blocks  # noqa: E402
 
 
 def tiny_unet() -> torch.nn.Module:
@@ -275,7 +275,7 @@ def main() -> None:
     parser.add_argument("--inductor-layout", action="store_true",
                         help="leave each compiled region's memory layout to inductor's own heuristic (before the "
                         "tenth session); default: decided by the region's convolutions, as the trainer "
-                        "(train.families.prefers_channels_last)")
+                        "(train.models.families.prefers_channels_last)")
     parser.add_argument("--stem-kernels", choices=("auto", "on", "off"), default="auto",
                         help="blocks mode: the W4A4 rows' quantizers outside the compiled blocks (conv_in, the time "
                         "embedding, conv_out) through qat.ste.use_compiled_kernels (on) or eager (off, as before the "
@@ -377,7 +377,7 @@ def main() -> None:
     def teacher_fn(mode: str) -> Callable[[], Callable[[], None]]:
         def make() -> Callable[[], None]:
             # the default mode, as the trainer's teacher: outside autograd the CUDA graphs of compiled blocks
-            # overwrite each other's outputs (train.families.denoise); --gen-modes times the teacher's modes
+            # overwrite each other's outputs (train.models.families.denoise); --gen-modes times the teacher's modes
             model = torch.compile(teacher_bf16) if mode == "compiled" else teacher_bf16
             if mode == "blocks" and not getattr(teacher_bf16, "_bench_blocks", False):
                 compile_repeated_blocks(teacher_bf16, layout_by_convolutions=not args.inductor_layout)
@@ -431,14 +431,14 @@ def main() -> None:
         return make
 
     def measure_generation() -> None:
-        """Teacher DDIM + CFG trajectories (train.trajectories), per teacher call, with the teacher compiled in
+        """Teacher DDIM + CFG trajectories (train.data.trajectories), per teacher call, with the teacher compiled in
         each of ``--gen-modes``; later modes are checked against the first."""
         if time.time() - start > args.budget_s:
             print("| trajectory generation | compiled | skipped (--budget-s) | | | | | | |", flush=True)
             return
-        from train.models import ClassEmbedder
-        from train.teacher import Teacher
-        from train.trajectories import _trajectories
+        from train.data.trajectories import trajectory_steps
+        from train.models.class_embedder import ClassEmbedder
+        from train.models.teacher import Teacher
 
         embedder = ClassEmbedder(num_classes=1000, embed_dim=512).to(device)
         tch = Teacher(unet=teacher_bf16, scheduler=ddim, conditioning="class", class_embedder=embedder)
@@ -446,7 +446,7 @@ def main() -> None:
         for gen_mode in args.gen_modes.split(","):
             torch._dynamo.reset()
             teacher_bf16.compile(mode=gen_mode)  # in place, as the trainer compiles: the module keeps its class
-            walk = _trajectories(tch, idx, 3, 1.0, 1.5, 0, device)  # compile + warm-up
+            walk = trajectory_steps(tch, idx, 3, 1.0, 1.5, 0, device)  # compile + warm-up
             if first is None:
                 first, agree = walk, "reference"
             else:  # the same 3 DDIM steps: equal up to bf16 kernel choices
@@ -454,7 +454,7 @@ def main() -> None:
                 agree = f"max abs diff vs {args.gen_modes.split(',')[0]}: {worst:.2e}"
             # Warm-up at the timed size too: the pinned host buffers of a new size are allocated once (as over a
             # cache's equal shards), not in every call.
-            _trajectories(tch, idx, steps, 1.0, 1.5, 0, device)
+            trajectory_steps(tch, idx, steps, 1.0, 1.5, 0, device)
 
             def forward() -> None:  # the same in-place compiled teacher at the generation's batch
                 with torch.no_grad():
@@ -467,7 +467,7 @@ def main() -> None:
                 if cuda:
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                _trajectories(tch, idx, steps, 1.0, 1.5, 0, device)
+                trajectory_steps(tch, idx, steps, 1.0, 1.5, 0, device)
                 if cuda:
                     torch.cuda.synchronize()
                 pairs.append((fwd, (time.perf_counter() - t0) / steps))
@@ -484,7 +484,7 @@ def main() -> None:
                   f"generation each: {each}; {agree}) | compiled | {per_call * 1e3:.1f} | {b / per_call:.1f} | - | - "
                   "| - | - | - |", flush=True)
             if args.profile:  # one timed-size call: divide the per-step figures by the steps
-                print_profile(lambda: _trajectories(tch, idx, steps, 1.0, 1.5, 0, device),
+                print_profile(lambda: trajectory_steps(tch, idx, steps, 1.0, 1.5, 0, device),
                               f"{row}, one call of {steps} teacher calls", cuda, steps=1)
 
     # Most important first (a --budget-s cut drops the tail): compiled FP vs fused QAT, mixed timesteps (same

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 import qat
-from train.trajectories import sample, trajectory_start
+from train.data.trajectories import sample, trajectory_start
 
 __all__ = ["SampleGrid", "QuantizerTelemetry", "Preemption", "make_grid"]
 

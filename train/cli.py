@@ -3,7 +3,7 @@
 Steps: (1) load and validate the config, (2) load the teacher, (3) build the student, (4) PTQ-calibrate it (or
 restore it from the checkpoint being resumed), (5) measure the PTQ starting point, (6) train with Lightning,
 (7) save the student, write the evaluation report (``report.json``, ``report.md``, PNG plots; see
-:mod:`train.report`) and the packed low-bit export (``<output_dir>/export``). Works under ``python``, ``torchrun``
+:mod:`train.eval.report`) and the packed low-bit export (``<output_dir>/export``). Works under ``python``, ``torchrun``
 and ``accelerate launch`` (each process reads its rank from the launcher's environment; Lightning sets up the process
 group).
 """
@@ -33,13 +33,19 @@ from qat.methods import METHODS
 from qat.quantizers import FakeQuantizer
 from train.callbacks import Preemption, QuantizerTelemetry, SampleGrid
 from train.config import CUDA_GRAPH_MODES, ConfigError, RunConfig, load_config, to_yaml
-from train.evaluate import Evaluator, SampleSet
-from train.families import CUDA_GRAPHS_ATTR, compile_repeated_blocks
+from train.data.trajectories import (
+    CachedTrajectories,
+    OnlineTrajectories,
+    generate_cache,
+    guided_eps,
+    trajectory_steps,
+)
+from train.eval.evaluate import Evaluator, SampleSet
+from train.eval.report import sanitize, write_run_report
 from train.launch import apply_launcher, trainer_kwargs
-from train.report import sanitize, write_run_report
+from train.models.families import CUDA_GRAPHS_ATTR, compile_repeated_blocks
+from train.models.teacher import Teacher, load_teacher
 from train.system import DistillQATSystem
-from train.teacher import Teacher, load_teacher
-from train.trajectories import CachedTrajectories, OnlineTrajectories, _trajectories, generate_cache, guided_eps
 
 __all__ = ["main", "build_student", "calibrate_student", "save_student"]
 
@@ -61,7 +67,7 @@ def _device(cfg: RunConfig, local_rank: int) -> torch.device:
 def build_student(cfg: RunConfig, teacher: Teacher) -> tuple[torch.nn.Module, str]:
     """The method's student (quantizers not yet initialised) with the trajectory grid on its temporal tables.
 
-    ``efficientdm.family=auto`` takes the quantization rules of the teacher's family (:mod:`train.families`).
+    ``efficientdm.family=auto`` takes the quantization rules of the teacher's family (:mod:`train.models.families`).
     """
     method_cfg = cfg.efficientdm
     if method_cfg.family == "auto":
@@ -74,7 +80,7 @@ def build_student(cfg: RunConfig, teacher: Teacher) -> tuple[torch.nn.Module, st
 def calibrate_student(cfg: RunConfig, student: torch.nn.Module, teacher: Teacher, device: torch.device) -> None:
     """PTQ initialisation on the teacher's calibration trajectories (seeds disjoint from training)."""
     c, tr = cfg.calibration, cfg.trajectories
-    data = _trajectories(teacher, list(range(c.num_trajectories)), c.num_steps, tr.eta, tr.guidance_scale,
+    data = trajectory_steps(teacher, list(range(c.num_trajectories)), c.num_steps, tr.eta, tr.guidance_scale,
                          c.seed, device)
     n = c.num_trajectories
     steps = torch.linspace(0, c.num_steps - 1, min(c.max_batches, c.num_steps)).round().long().unique()
@@ -106,7 +112,7 @@ def apply_performance(cfg: RunConfig, student: torch.nn.Module, teacher: Teacher
         else:
             student.compile(**kwargs)
         if p.compile_mode in CUDA_GRAPH_MODES:
-            setattr(student, CUDA_GRAPHS_ATTR, True)  # sampled and evaluated eagerly: train.families.denoise
+            setattr(student, CUDA_GRAPHS_ATTR, True)  # sampled and evaluated eagerly: train.models.families.denoise
     if p.compile if p.compile_teacher is None else p.compile_teacher:
         # default mode: trajectory generation measured no gain from CUDA graphs (docs/performance.md), whose
         # outputs the next replay overwrites
@@ -128,7 +134,7 @@ def _resume_path(cfg: RunConfig, out: Path) -> str | None:
     return cfg.resume
 
 
-def _restore_student(student: torch.nn.Module, ckpt: str) -> None:
+def restore_student(student: torch.nn.Module, ckpt: str) -> None:
     """Loads the student's weights and quantizer state from a Lightning checkpoint (tensors only, no pickle)."""
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     sub = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
@@ -213,7 +219,7 @@ def main(argv: list[str] | None = None, callbacks: list[L.Callback] | None = Non
     if rank == 0:
         (out / "prepare_report.txt").write_text(report + "\n")
     if ckpt is not None:  # 4. a resumed run restores quantizer state; it never re-calibrates
-        _restore_student(student, ckpt)
+        restore_student(student, ckpt)
     else:
         calibrate_student(cfg, student, teacher, device)
         phases.done("student calibrated")

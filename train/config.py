@@ -59,14 +59,15 @@ class TeacherConfig:
         conditioning: ``class`` (labels -> ``class_embedder`` -> cross-attention context, null class for CFG; DiT
             embeds labels itself), ``prompt_embeds`` (a safetensors file of precomputed text embeddings),
             ``prompts`` (a prompt file, encoded once at load by the local text encoder) or ``none``.
-        class_embedder_subfolder: subfolder of the :class:`train.models.ClassEmbedder` (``class`` conditioning).
+        class_embedder_subfolder: subfolder of the :class:`train.models.class_embedder.ClassEmbedder` (``class``
+            conditioning).
         prompt_embeds_path: safetensors file with ``prompt_embeds (N, L, D)`` and ``negative_prompt_embeds (1, L, D)``
             (optional ``prompt_attention_mask (N, L)`` and ``negative_prompt_attention_mask (1, L)``).
         dtype: teacher precision, ``fp32`` or ``bf16``.
         vae_subfolder: subfolder of the latent decoder (``VQModel`` / ``AutoencoderKL``) of latent models, used
             only to decode evaluation samples to images; None for pixel-space models.
         family: denoiser family (``unet``, ``dit``, ``pixart``, ``cogvideox``, ``wan``; see
-            :mod:`train.families`); None detects it from the model class in ``<unet_subfolder>/config.json``.
+            :mod:`train.models.families`); None detects it from the model class in ``<unet_subfolder>/config.json``.
         sample_shape: one sample in the family's layout and latent units, e.g. ``[16, 13, 60, 104]`` (Wan
             ``C, F, H, W``); None reads it from the model config (Wan's config has none: required there).
         prompt_file: text file with one prompt per line (``prompts`` conditioning; blank lines are skipped).
@@ -216,7 +217,8 @@ class PerformanceConfig:
             blocks; regional compilation) instead of the whole model: the compile time grows with the distinct
             block shapes, not with the depth (tested equal to eager); the teacher is still compiled whole. Each
             block is laid out channels-last where its convolutions make inductor prefer that for the float block
-            (:func:`train.families.prefers_channels_last`; the quantizers' extra graph nodes made inductor skip it).
+            (:func:`train.models.families.prefers_channels_last`; the quantizers' extra graph nodes made inductor
+            skip it).
         compile_teacher: compile the teacher (in place); unset: as ``compile``. ``compile=false
             compile_teacher=true`` keeps the student eager (no minutes of compilation) and the teacher fast.
         compile_mode: the ``torch.compile`` mode of the student (inductor): ``default``; ``reduce-overhead``
@@ -322,7 +324,7 @@ class RunConfig:
     resume: str | None = None
     seed: int = 0
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    # "auto": the quantization rules of the teacher's family (train.families); recipes may name one explicitly
+    # "auto": the quantization rules of the teacher's family (train.models.families); recipes may name one explicitly
     efficientdm: EfficientDMConfig = field(default_factory=lambda: EfficientDMConfig(family="auto"))
     trajectories: TrajectoryConfig = field(default_factory=TrajectoryConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -393,7 +395,7 @@ def validate(cfg: RunConfig) -> None:
 
 
 def _validate_teacher(t: TeacherConfig) -> None:
-    from train.families import FAMILIES
+    from train.models.families import FAMILIES
 
     _one_of("teacher.conditioning", t.conditioning, ("class", "prompt_embeds", "prompts", "none"))
     _one_of("teacher.dtype", t.dtype, ("fp32", "bf16"))
@@ -412,7 +414,7 @@ def _validate_teacher(t: TeacherConfig) -> None:
 
 
 def _validate_eval(ev: EvalConfig) -> None:
-    from train.pipeline import scheduler_class
+    from train.models.pipeline import scheduler_class
 
     try:
         scheduler_class(ev.scheduler)

@@ -22,7 +22,7 @@ import torch
 
 from qat.export import CARD_NAME, export_quantized, export_sizes, load_quantized, model_card_text
 from train.config import RunConfig, resolve_path, to_yaml
-from train.teacher import Teacher
+from train.models.teacher import Teacher
 
 __all__ = ["export_run", "student_dir", "evaluation_summary", "verify_export"]
 
@@ -63,7 +63,7 @@ def verify_export(student: torch.nn.Module, loaded: torch.nn.Module, teacher: Te
                   device: torch.device) -> float:
     """Max |student - loaded| of the noise prediction on random inputs at the first, middle and last grid timesteps."""
     import qat
-    from train.families import denoise, model_dtype
+    from train.models.families import denoise, model_dtype
 
     gen = torch.Generator().manual_seed(0)
     grid = teacher.ddim(cfg.trajectories.num_steps).timesteps
@@ -103,7 +103,7 @@ def export_run(student: torch.nn.Module, teacher: Teacher, cfg: RunConfig, out: 
     elif cfg.teacher.conditioning == "prompt_embeds":
         shutil.copyfile(resolve_path(cfg.teacher.prompt_embeds_path), out / "prompt_embeds.safetensors")
     elif cfg.teacher.conditioning == "prompts":  # the encoded prompts: sampling the export needs no text encoder
-        from train.text import save_prompt_embeds
+        from train.models.text import save_prompt_embeds
 
         tensors = {k: getattr(teacher, k).detach().float().cpu() for k in ("prompt_embeds", "negative_prompt_embeds")}
         if teacher.prompt_attention_mask is not None:

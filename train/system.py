@@ -4,7 +4,7 @@
 
 with ``eps`` the CFG-combined prediction ``eps_u + w (eps_c - eps_u)`` (``loss_target: cfg``, as EfficientDM) or
 both branches supervised separately (``branches``). ``x_t`` comes from the teacher's trajectories (online or
-cached, :mod:`train.trajectories`).
+cached, :mod:`train.data.trajectories`).
 
 The system receives built models (Lightning's "systems vs models"); method-specific parts (which layers, which
 parameter groups) come from ``qat``. The data source lives in the system because online trajectories need the
@@ -23,9 +23,9 @@ from torch import Tensor, nn
 
 import qat
 from train.config import OptimConfig
-from train.families import model_dtype
-from train.teacher import Teacher, denoise
-from train.trajectories import CachedTrajectories, OnlineTrajectories, TrajectoryBatch
+from train.data.trajectories import CachedTrajectories, OnlineTrajectories, TrajectoryBatch
+from train.models.families import model_dtype
+from train.models.teacher import Teacher, denoise
 
 __all__ = ["DistillQATSystem"]
 

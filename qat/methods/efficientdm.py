@@ -50,8 +50,8 @@ class FamilyRules:
     modulation: list[str]
 
 
-#: family -> rules, for the diffusers denoisers of :mod:`train.families` (same names). Every other ``nn.Linear`` /
-#: ``nn.Conv2d`` is a QALoRA W{weight_bits}A{act_bits} layer. Always full precision, whatever the rules: norms,
+#: family -> rules, for the diffusers denoisers of :mod:`train.models.families` (same names). Every other ``nn.Linear``
+#: / ``nn.Conv2d`` is a QALoRA W{weight_bits}A{act_bits} layer. Always full precision, whatever the rules: norms,
 #: embedding tables, position tables, ``scale_shift_table`` parameters, attention matmuls, and layer types without a
 #: quantized version (Wan's ``nn.Conv3d`` patch embedding).
 #:

@@ -595,7 +595,7 @@ def test_export_cli_end_to_end(tmp_path) -> None:
     from tests.train.conftest import fast_overrides, make_tiny_teacher
     from train.cli import build_student, calibrate_student, save_student
     from train.config import load_config
-    from train.teacher import denoise, load_teacher
+    from train.models.teacher import denoise, load_teacher
 
     teacher_dir = make_tiny_teacher(tmp_path / "teacher")
     run = tmp_path / "run"

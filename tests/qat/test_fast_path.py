@@ -81,7 +81,7 @@ def test_compiled_student_equals_eager_and_compiles_once_for_all_timesteps(stude
 
 def test_regionally_compiled_student_equals_eager(student) -> None:
     """``performance.compile_blocks``: the repeated blocks compiled one by one (aot_eager), the rest eager."""
-    from train.families import compile_repeated_blocks, family_of
+    from train.models.families import compile_repeated_blocks, family_of
 
     model, fwd, make_batch, grid = student
     batches = [make_batch(grid[torch.tensor(rows)]) for rows in ([0, 3, 3, 9], [5, 5, 5, 5])]
@@ -105,7 +105,7 @@ def test_regionally_compiled_student_equals_eager(student) -> None:
 def test_regional_compilation_keeps_static_shapes(student) -> None:
     """Each shape variant of a block class gets its own static graph: no symbolic sizes (dynamo's automatic dynamic
     shapes would recompile the second variant of a class with them)."""
-    from train.families import compile_repeated_blocks
+    from train.models.families import compile_repeated_blocks
 
     model, fwd, make_batch, grid = student
     symbolic: list[bool] = []

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from train.models import ClassEmbedder
+from train.models.class_embedder import ClassEmbedder
 
 
 def make_tiny_teacher(root: Path, seed: int = 0) -> Path:

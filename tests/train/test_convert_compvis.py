@@ -1,5 +1,5 @@
-"""CompVis LDM checkpoint -> DiffQAT teacher directory conversion (train.convert_compvis), on tiny CPU models: the
-SpatialTransformer UNet map, layouts, full checkpoints (UNet + first stage + class table) loaded by load_teacher,
+"""CompVis LDM checkpoint -> DiffQAT teacher directory conversion (train.tools.convert_compvis), on tiny CPU models:
+the SpatialTransformer UNet map, layouts, full checkpoints (UNet + first stage + class table) loaded by load_teacher,
 the CLI, and the EfficientDM layer-map check. The first-stage and legacy-attention maps: test_convert_compvis_parts."""
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from train.config import TeacherConfig
-from train.convert_compvis import (
+from train.models.pipeline import QATDiffusionPipeline
+from train.models.teacher import load_teacher
+from train.tools.convert_compvis import (
     CIN256_V2_UNET_CONFIG,
     LAYOUTS,
     SCHEDULER_CONFIG,
@@ -30,10 +32,8 @@ from train.convert_compvis import (
     main,
     teacher_spec,
 )
-from train.convert_compvis_unet import build_unet, compvis_unet_config, unet_state_dict_to_compvis
-from train.convert_compvis_vae import build_vae, compvis_first_stage_config, vae_state_dict_to_compvis
-from train.pipeline import QATDiffusionPipeline
-from train.teacher import load_teacher
+from train.tools.convert_compvis_unet import build_unet, compvis_unet_config, unet_state_dict_to_compvis
+from train.tools.convert_compvis_vae import build_vae, compvis_first_stage_config, vae_state_dict_to_compvis
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -348,7 +348,7 @@ def test_cli_converts_an_unconditional_kl_checkpoint_from_its_compvis_yaml(
           **vae_state_dict_to_compvis(kl, prefix="first_stage_model."),
           "scale_factor": torch.tensor(0.75), "betas": betas(0.0155), "logvar": torch.zeros(1000)}
     torch.save({"state_dict": sd}, str(tmp_path / "churches.ckpt"))
-    with caplog.at_level(logging.INFO, logger="train.convert_compvis"):
+    with caplog.at_level(logging.INFO, logger="train.tools.convert_compvis"):
         assert main([str(tmp_path / "churches.ckpt"), str(tmp_path / "out"),
                      "--compvis-config", str(tmp_path / "churches-tiny.yaml")]) == 0
     assert "wrote " in capsys.readouterr().out

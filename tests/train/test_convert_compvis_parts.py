@@ -23,7 +23,7 @@ from diffusers import AutoencoderKL, UNet2DModel, VQModel
 from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
 
-from train.convert_compvis_unet import (
+from train.tools.convert_compvis_unet import (
     HEADS_KEY,
     apply_attention_heads,
     build_unet,
@@ -34,7 +34,7 @@ from train.convert_compvis_unet import (
     split_qkv,
     unet_state_dict_to_compvis,
 )
-from train.convert_compvis_vae import (
+from train.tools.convert_compvis_vae import (
     build_vae,
     compvis_first_stage_config,
     compvis_to_diffusers_vae_keys,
@@ -202,7 +202,7 @@ def test_vae_matches_the_compvis_equations(kind: str) -> None:
 
 
 def test_vq_f4_and_kl_f8_maps_reverse_the_decoder_levels() -> None:
-    from train.convert_compvis import KL_F8_DDCONFIG, VQ_F4_DDCONFIG
+    from train.tools.convert_compvis import KL_F8_DDCONFIG, VQ_F4_DDCONFIG
 
     vq_cfg = compvis_first_stage_config(VQ_F4_DDCONFIG, embed_dim=3, n_embed=8192)
     kl_cfg = compvis_first_stage_config(KL_F8_DDCONFIG, embed_dim=4, scaling_factor=0.18215)
@@ -432,7 +432,7 @@ def test_legacy_qkv_split_is_the_attention_block(heads: int) -> None:
 
 
 def test_bedrooms_map_uses_the_compvis_block_numbering() -> None:
-    from train.convert_compvis import LAYOUTS
+    from train.tools.convert_compvis import LAYOUTS
 
     cfg = compvis_unet_config(LAYOUTS["lsun_bedrooms-ldm-vq-4"]["unet_config"]["params"])
     assert cfg["_class_name"] == "UNet2DModel" and cfg["attention_head_dim"] == 32
@@ -519,7 +519,7 @@ def test_load_teacher_applies_per_block_heads(tmp_path: Path) -> None:
     from diffusers import DDPMScheduler
 
     from train.config import TeacherConfig
-    from train.teacher import load_teacher
+    from train.models.teacher import load_teacher
 
     source = tiny_unet2d(tiny_params(num_head_channels=-1, num_heads=2)).eval().requires_grad_(False)  # as loaded
     source.save_pretrained(str(tmp_path / "unet"))

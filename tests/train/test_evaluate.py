@@ -14,12 +14,12 @@ from qat.timestep import temporal_quantizers
 from tests.train.conftest import fast_overrides
 from train.cli import build_student, calibrate_student, main
 from train.config import ConfigError, load_config
-from train.eval_cli import main as evaluate_main
-from train.evaluate import DistributionScorer, SampleSet, fidelity, generate, merge_samples, shard_indices
-from train.pipeline import SCHEDULER_ALIASES, QATDiffusionPipeline, load_adm_npz, sample_seeds, save_adm_npz
-from train.report import write_report
-from train.teacher import load_teacher
-from train.trajectories import sample
+from train.data.trajectories import sample
+from train.eval.cli import main as evaluate_main
+from train.eval.evaluate import DistributionScorer, SampleSet, fidelity, generate, merge_samples, shard_indices
+from train.eval.report import write_report
+from train.models.pipeline import SCHEDULER_ALIASES, QATDiffusionPipeline, load_adm_npz, sample_seeds, save_adm_npz
+from train.models.teacher import load_teacher
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def setup(tiny_teacher: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_pipeline_ddim_matches_the_training_sampler(setup) -> None:
-    """The diffusers pipeline (DDIM, eta 0, CFG) and the independent loop of train.trajectories agree."""
+    """The diffusers pipeline (DDIM, eta 0, CFG) and the independent loop of train.data.trajectories agree."""
     _, teacher, student = setup
     labels, noise, _ = sample_seeds([0, 1, 2], teacher.num_classes, 5, teacher.sample_shape)
     for model in (teacher.unet, student):
@@ -156,7 +156,7 @@ def test_fidelity_against_itself_and_mismatched_sets() -> None:
 
 
 def test_digits_scorer_ranks_real_digits_above_noise() -> None:
-    from train.digits_teacher import load_digits_tensor
+    from train.eval.digits import load_digits_tensor
 
     images, labels = load_digits_tensor(16)
     scorer = DistributionScorer("digits")

@@ -1,4 +1,4 @@
-"""Model families (train.families): SD UNet with a prompt file, DiT, PixArt, CogVideoX and Wan on tiny random models.
+"""Model families (train.models.families): SD UNet with a prompt file, DiT, PixArt, CogVideoX and Wan, tiny models.
 
 Per family: the quantization rules hit the intended layers, and one end-to-end run of the family's recipe through
 ``train.cli.main`` (prepare, calibrate, two training steps, evaluation in the sampling pipeline, export) whose export
@@ -26,11 +26,11 @@ from tests.train.conftest import fast_overrides
 from tests.train.family_fixtures import FAMILY_CASES, PROMPTS, TINY_MODELS, make_pixart, make_sd, make_wan
 from train.cli import build_student, main
 from train.config import CONFIG_DIR, ConfigError, load_config
-from train.evaluate import generate
-from train.families import FAMILIES, denoise, family_for_class, family_of, get_family, set_family
-from train.pipeline import QATDiffusionPipeline, make_scheduler, sample_seeds
-from train.teacher import load_teacher
-from train.trajectories import flow_step, sample
+from train.data.trajectories import flow_step, sample
+from train.eval.evaluate import generate
+from train.models.families import FAMILIES, denoise, family_for_class, family_of, get_family, set_family
+from train.models.pipeline import QATDiffusionPipeline, make_scheduler, sample_seeds
+from train.models.teacher import load_teacher
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -154,7 +154,7 @@ def _teacher(recipe: str, root: Path, extra: list[str], *more: str):
 
 
 def test_prompt_file_is_encoded_once_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import train.text
+    import train.models.text
 
     root = tmp_path / "sd"
     root.mkdir()
@@ -167,7 +167,7 @@ def test_prompt_file_is_encoded_once_and_cached(tmp_path: Path, monkeypatch: pyt
     assert cond.shape == (2, 8, 8) and torch.equal(uncond[0], uncond[1])
     assert not torch.equal(cond[0], cond[1])
     # a second load reads the cache and never builds the encoder
-    monkeypatch.setattr(train.text, "encode_prompts", lambda *a, **k: pytest.fail("cache not used"))
+    monkeypatch.setattr(train.models.text, "encode_prompts", lambda *a, **k: pytest.fail("cache not used"))
     again = _teacher("efficientdm_sd15.yaml", root, extra)
     assert torch.equal(again.prompt_embeds, teacher.prompt_embeds)
     monkeypatch.undo()
@@ -335,7 +335,7 @@ class _Block(nn.Module):
 def test_channels_last_is_chosen_by_the_convolutions_as_inductor_does() -> None:
     """``prefers_channels_last`` applies inductor's structural layout rules (no grouped convolution, no ``k x k``
     convolution that halves the channels, not all channels small) and ignores adapters."""
-    from train.families import prefers_channels_last
+    from train.models.families import prefers_channels_last
 
     assert prefers_channels_last(_Block(nn.Conv2d(384, 384, 1), nn.Conv2d(384, 384, 1)))  # a transformer region
     assert prefers_channels_last(_Block(nn.Conv2d(384, 576, 3, padding=1), nn.Conv2d(384, 576, 1)))
@@ -353,7 +353,7 @@ def test_region_compile_kwargs_force_the_layout_only_where_it_applies() -> None:
     backends, dynamic shapes and blocks without a channels-last preference keep the caller's arguments."""
     from torch._inductor import list_mode_options
 
-    from train.families import region_compile_kwargs
+    from train.models.families import region_compile_kwargs
 
     wide, small = _Block(nn.Conv2d(384, 384, 1)), _Block(nn.Conv2d(32, 32, 3))
     kwargs = region_compile_kwargs(wide, mode="reduce-overhead", dynamic=False)
@@ -372,7 +372,7 @@ def test_region_compile_kwargs_force_the_layout_only_where_it_applies() -> None:
 def test_compile_repeated_blocks_lays_out_each_region(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every region of a UNet is compiled with its own layout decision; ``layout_by_convolutions=False`` passes the
     arguments through (inductor's own heuristic)."""
-    from train.families import compile_repeated_blocks, prefers_channels_last
+    from train.models.families import compile_repeated_blocks, prefers_channels_last
 
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=3, out_channels=3, block_out_channels=(96, 192), layers_per_block=1,

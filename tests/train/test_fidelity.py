@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.fidelity import (
+from train.eval.fidelity import (
     INCEPTION_WEIGHTS_FILE,
     InceptionFeatures,
     ReferenceStatistics,
@@ -28,7 +28,7 @@ from train.fidelity import (
     reference_statistics,
     to_uint8_rgb,
 )
-from train.metrics import frechet_distance
+from train.eval.metrics import frechet_distance
 
 
 class FakeInception(nn.Module):

@@ -87,7 +87,7 @@ def test_shipped_accelerate_configs_load_and_map(name: str) -> None:
 def test_evaluate_under_torchrun_matches_one_process(tiny_teacher: Path, tmp_path: Path) -> None:
     """evaluate.py shards the samples over 2 gloo processes and gathers them: the same report as 1 process."""
     from train.cli import main
-    from train.eval_cli import main as evaluate_main
+    from train.eval.cli import main as evaluate_main
 
     run = main(["config=efficientdm_digits.yaml", *fast_overrides(tiny_teacher, tmp_path / "run"), "export=false"])
     one = evaluate_main([str(run), "eval.num_samples=5", "ptq=false", f"out={tmp_path / 'one'}"])

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from train.digits_classifier import DigitsClassifier, load_digits_classifier
-from train.metrics import class_accuracy, digits_fd_and_accuracy, extract_features, frechet_distance, psnr, ssim
+from train.eval.digits import DigitsClassifier, load_digits_classifier
+from train.eval.metrics import class_accuracy, digits_fd_and_accuracy, extract_features, frechet_distance, psnr, ssim
 
 
 def _gaussian(n: int, mean: torch.Tensor, std: torch.Tensor, seed: int) -> torch.Tensor:
@@ -108,7 +108,7 @@ def test_class_accuracy_on_known_labels() -> None:
 
 @pytest.fixture(scope="module")
 def real_digits() -> tuple[torch.Tensor, torch.Tensor]:
-    from train.digits_teacher import load_digits_tensor
+    from train.eval.digits import load_digits_tensor
 
     return load_digits_tensor(16)
 
@@ -150,5 +150,5 @@ def test_fd_digits_real_vs_real_is_zero_and_noise_is_far(classifier, real_digits
 
 
 def test_loader_missing_file_names_file_and_command(tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"config\.json.*python -m train\.digits_classifier"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json.*python -m train\.tools\.digits_classifier"):
         load_digits_classifier(tmp_path)

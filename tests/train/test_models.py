@@ -8,8 +8,9 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from train.digits_teacher import EMBED_DIM, NUM_CLASSES, load_digits_tensor
-from train.models import ClassEmbedder
+from train.eval.digits import load_digits_tensor
+from train.models.class_embedder import ClassEmbedder
+from train.tools.digits_teacher import EMBED_DIM, NUM_CLASSES
 
 TEACHER_DIR = Path(__file__).resolve().parents[2] / "assets" / "digits_teacher"
 
@@ -68,7 +69,7 @@ def test_load_digits_tensor_native_size_is_scaled_original() -> None:
 
 
 def test_shipped_teacher_loads_and_runs() -> None:
-    # No skip when missing: the artifacts are part of the repository (python -m train.digits_teacher).
+    # No skip when missing: the artifacts are part of the repository (python -m train.tools.digits_teacher).
     assert (TEACHER_DIR / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     unet = UNet2DConditionModel.from_pretrained(TEACHER_DIR, subfolder="unet").eval()
     embedder = ClassEmbedder.from_pretrained(TEACHER_DIR, subfolder="class_embedder").eval()

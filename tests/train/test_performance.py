@@ -174,7 +174,7 @@ def test_compile_mode_reaches_the_student_and_marks_every_training_step(tiny_tea
 def test_a_student_compiled_with_cuda_graphs_samples_eagerly() -> None:
     """Outside autograd a CUDA-graph student runs its eager code (a UNet's skip connections would be overwritten by
     later regions' replays); with gradients, and for any other model, the compiled code runs."""
-    from train.families import CUDA_GRAPHS_ATTR, denoise, set_family
+    from train.models.families import CUDA_GRAPHS_ATTR, denoise, set_family
 
     calls: list[int] = []
 

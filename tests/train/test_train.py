@@ -14,8 +14,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tests.train.conftest import fast_overrides
 from train.cli import build_student, calibrate_student, main
 from train.config import CONFIG_DIR, load_config
+from train.models.teacher import load_teacher
 from train.system import DistillQATSystem
-from train.teacher import load_teacher
 
 
 def _events(run: Path) -> EventAccumulator:
@@ -85,7 +85,7 @@ def test_training_reduces_the_loss_in_both_modes(mode: str, tiny_teacher: Path, 
 
 
 def test_cached_batches_mix_timesteps(tiny_teacher: Path, tmp_path: Path) -> None:
-    from train.trajectories import CachedTrajectories, generate_cache
+    from train.data.trajectories import CachedTrajectories, generate_cache
 
     cfg = load_config(["config=efficientdm_digits.yaml", *fast_overrides(tiny_teacher, tmp_path)])
     teacher = load_teacher(cfg.teacher)
@@ -103,7 +103,7 @@ def test_cached_batches_mix_timesteps(tiny_teacher: Path, tmp_path: Path) -> Non
 
 
 def test_interrupted_generation_resumes_without_duplicates(tiny_teacher: Path, tmp_path: Path) -> None:
-    from train.trajectories import generate_cache
+    from train.data.trajectories import generate_cache
 
     cfg = load_config(["config=efficientdm_digits.yaml", *fast_overrides(tiny_teacher, tmp_path)])
     teacher = load_teacher(cfg.teacher)
@@ -121,7 +121,7 @@ def test_interrupted_generation_resumes_without_duplicates(tiny_teacher: Path, t
 
 
 def test_trajectories_do_not_depend_on_process_count(tiny_teacher: Path, tmp_path: Path) -> None:
-    from train.trajectories import generate_cache
+    from train.data.trajectories import generate_cache
 
     cfg = load_config(["config=efficientdm_digits.yaml", *fast_overrides(tiny_teacher, tmp_path)])
     teacher = load_teacher(cfg.teacher)
@@ -142,19 +142,19 @@ def test_a_compiled_teacher_walks_the_short_last_shard_at_full_size(tiny_teacher
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A compiled teacher recompiles for every new batch size: the short last shard (3 trajectories in shards of 2)
     is walked at the full size and the extra trajectory dropped, giving the eager teacher's cache."""
-    import train.trajectories as tj
+    import train.data.trajectories as tj
 
     cfg = load_config(["config=efficientdm_digits.yaml", *fast_overrides(tiny_teacher, tmp_path)])
     teacher = load_teacher(cfg.teacher)
     eager = tj.generate_cache(teacher, "t", tmp_path / "eager", 4, 1.0, 1.5, 0, 3, 2, "cpu", progress=False)
     sizes: list[int] = []
-    walk = tj._trajectories
+    walk = tj.trajectory_steps
 
     def recording(teacher: object, indices: list[int], *args: object) -> dict[str, torch.Tensor]:
         sizes.append(len(indices))
         return walk(teacher, indices, *args)
 
-    monkeypatch.setattr(tj, "_trajectories", recording)
+    monkeypatch.setattr(tj, "trajectory_steps", recording)
     teacher.unet.compile(backend="eager")
     try:
         compiled = tj.generate_cache(teacher, "t", tmp_path / "compiled", 4, 1.0, 1.5, 0, 3, 2, "cpu",
@@ -178,12 +178,12 @@ def test_a_compiled_teacher_walks_the_short_last_shard_at_full_size(tiny_teacher
 def test_cached_trajectories_equal_the_online_walk(tiny_teacher: Path, tmp_path: Path) -> None:
     """The cache walks whole trajectories into preallocated host tensors; the online walk returns step by step.
     Both follow the same per-trajectory noise streams, so they must give the same states and predictions."""
-    from train.trajectories import OnlineTrajectories, _trajectories
+    from train.data.trajectories import OnlineTrajectories, trajectory_steps
 
     cfg = load_config(["config=efficientdm_digits.yaml", *fast_overrides(tiny_teacher, tmp_path)])
     teacher = load_teacher(cfg.teacher)
     steps, batch = 4, 3
-    cached = _trajectories(teacher, list(range(batch)), steps, 1.0, 1.5, 7, "cpu")
+    cached = trajectory_steps(teacher, list(range(batch)), steps, 1.0, 1.5, 7, "cpu")
     online = OnlineTrajectories(teacher, steps, 1.0, 1.5, batch, 7)
     walked = [online.next_batch("cpu") for _ in range(steps)]
     assert torch.equal(cached["x"], torch.cat([b.x for b in walked]))
@@ -260,7 +260,7 @@ def test_precision_loss_and_data_variants_train(extra: list[str], tiny_teacher: 
 def test_student_with_bf16_parameters_takes_the_fp32_batch(tiny_teacher: Path) -> None:
     """DeepSpeed's bf16 casts the parameters themselves (no autocast): the fp32 trajectory batch must follow."""
     from train.config import OptimConfig
-    from train.trajectories import OnlineTrajectories
+    from train.data.trajectories import OnlineTrajectories
 
     cfg = load_config(["config=efficientdm_digits.yaml", f"teacher.path={tiny_teacher}", "efficientdm.num_timesteps=4",
                        "trajectories.num_steps=4", "calibration.num_trajectories=2", "calibration.num_steps=4",

@@ -34,8 +34,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import qat
-from train.families import model_dtype
-from train.teacher import Teacher, denoise
+from train.models.families import model_dtype
+from train.models.teacher import Teacher, denoise
 
 __all__ = ["TrajectoryBatch", "guided_eps", "OnlineTrajectories", "generate_cache", "CachedTrajectories",
            "sample", "trajectory_start"]
@@ -167,7 +167,7 @@ def _shard_path(cache_dir: Path, shard: int) -> Path:
 
 
 @torch.no_grad()
-def _trajectories(teacher: Teacher, indices: list[int], num_steps: int, eta: float, guidance: float, seed: int,
+def trajectory_steps(teacher: Teacher, indices: list[int], num_steps: int, eta: float, guidance: float, seed: int,
                   device: torch.device | str) -> dict[str, Tensor]:
     """Every step of the trajectories ``indices``, flattened to ``(len(indices) * num_steps, ...)`` tensors."""
     sched = teacher.ddim(num_steps)
@@ -296,7 +296,7 @@ def generate_cache(teacher: Teacher, teacher_path: str, cache_dir: str | Path, n
         # is walked at the full size and the trajectories past the end are dropped. Each trajectory has its own
         # noise streams, so the kept ones do not depend on their neighbours.
         walk = list(range(shard * shard_size, (shard + 1) * shard_size)) if pad else indices
-        tensors = _trajectories(teacher, walk, num_steps, eta, guidance, seed, device)
+        tensors = trajectory_steps(teacher, walk, num_steps, eta, guidance, seed, device)
         if len(walk) > len(indices):
             tensors = {k: _first_trajectories(v, len(walk), len(indices)) for k, v in tensors.items()}
         tmp = _shard_path(cache_dir, shard).with_suffix(".tmp")

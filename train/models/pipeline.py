@@ -6,7 +6,7 @@ embeddings; or nothing), in pixel space or in the latent space of an optional ``
 sampling loop (``scale_model_input``, ``step`` with the scheduler's own extra arguments, ``init_noise_sigma``), so
 any scheduler works: DDIM, DDPM, PNDM, DPM-Solver(++), UniPC, Euler, Heun...
 
-The denoiser is called through its family adapter (:func:`train.families.denoise`), so the same pipeline samples
+The denoiser is called through its family adapter (:func:`train.models.families.denoise`), so the same pipeline samples
 UNets, DiT (class labels), PixArt (text states + mask), CogVideoX and Wan (video latents, ``(B, F, C, H, W)`` /
 ``(B, C, F, H, W)``). Video latents are returned as they are (no video decoder).
 
@@ -36,8 +36,8 @@ from torch import Tensor, nn
 
 import qat
 from qat.timestep import temporal_quantizers
-from train.families import denoise, model_dtype
-from train.teacher import Teacher, is_flow_scheduler
+from train.models.families import denoise, model_dtype
+from train.models.teacher import Teacher, is_flow_scheduler
 
 __all__ = ["QATDiffusionPipeline", "SCHEDULER_ALIASES", "make_scheduler", "sample_seeds", "to_uint8_nhwc",
            "save_adm_npz", "load_adm_npz"]
@@ -114,7 +114,7 @@ class QATDiffusionPipeline(DiffusionPipeline):
 
     Args:
         unet: the denoiser (teacher, fake-quantized student, or reloaded export); called through its family
-            adapter (:func:`train.families.denoise`).
+            adapter (:func:`train.models.families.denoise`).
         scheduler: any diffusers scheduler.
         class_embedder: labels -> ``(B, 1, D)`` context (class conditioning), or None.
         vae: decoder of latent models (``VQModel`` / ``AutoencoderKL``), or None for pixel-space models.
@@ -142,7 +142,7 @@ class QATDiffusionPipeline(DiffusionPipeline):
     negative_prompt_embeds: Tensor | None = None
     #: conditions of a teacher (``Teacher.contexts``): used instead of the class embedder / prompt embeddings
     teacher_contexts: Callable[[Tensor], tuple[Tensor | None, Tensor | None]] | None = None
-    #: the denoiser's family (:mod:`train.families`); None detects it from the model
+    #: the denoiser's family (:mod:`train.models.families`); None detects it from the model
     family: str | None = None
 
     def _contexts(self, labels: Tensor, device: torch.device, dtype: torch.dtype) -> tuple[Tensor | None, ...]:
@@ -208,7 +208,7 @@ class QATDiffusionPipeline(DiffusionPipeline):
                 x_in = scale_input(x, t).to(dtype)
                 t_in = t.expand(x.shape[0] * (2 if guided else 1)).to(device)
                 if guided:
-                    # uncond first, as CompVis LDM and train.trajectories.guided_eps
+                    # uncond first, as CompVis LDM and train.data.trajectories.guided_eps
                     out = denoise(unet, torch.cat([x_in, x_in]), t_in, torch.cat([uncond, cond]), self.family)
                     eps_u, eps_c = out.float().chunk(2)
                     eps = eps_u + guidance_scale * (eps_c - eps_u)

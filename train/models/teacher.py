@@ -9,18 +9,18 @@ Layout of a teacher directory (diffusers' ``from_pretrained(path, subfolder=...)
     <path>/text_encoder/ + tokenizer/                                   (prompts conditioning) transformers files
     <path>/vae/                                                         (optional) latent decoder, evaluation only
 
-The denoiser's family (:mod:`train.families`: unet, dit, pixart, cogvideox, wan) comes from its class or
+The denoiser's family (:mod:`train.models.families`: unet, dit, pixart, cogvideox, wan) comes from its class or
 ``teacher.family``; it fixes the sample layout and how the condition reaches the model.
 
 Conditioning modes: ``class`` (labels through the ``ClassEmbedder`` into a one-token cross-attention context, the
 null class for CFG, as CompVis LDM-4; DiT embeds the labels itself, null class = number of classes),
 ``prompt_embeds`` (precomputed text embeddings, Stable Diffusion style), ``prompts`` (a prompt file encoded once at
-load by the local text encoder, :mod:`train.text`) and ``none``. Nothing is downloaded: missing files raise an error
-that says what to put where.
+load by the local text encoder, :mod:`train.models.text`) and ``none``. Nothing is downloaded: missing files raise an
+error that says what to put where.
 
 Trajectory sampler (:meth:`Teacher.ddim`): DDIM on the teacher's noise schedule (CogVideoX's own DDIM class, so that
 its SNR shift is kept), or, for flow-matching teachers (Wan), the flow counterpart of DDIM on the teacher's shifted
-sigma schedule (:func:`train.trajectories.flow_step`).
+sigma schedule (:func:`train.data.trajectories.flow_step`).
 """
 
 from __future__ import annotations
@@ -35,9 +35,16 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from train.config import ConfigError, TeacherConfig, resolve_path
-from train.convert_compvis_unet import apply_attention_heads
-from train.families import Family, denoise, family_for_class, get_family, model_dtype, set_family
-from train.models import ClassEmbedder
+from train.models.class_embedder import ClassEmbedder
+from train.models.families import (
+    Family,
+    apply_attention_heads,
+    denoise,
+    family_for_class,
+    get_family,
+    model_dtype,
+    set_family,
+)
 
 __all__ = ["Teacher", "load_teacher", "denoise", "is_flow_scheduler"]
 
@@ -60,14 +67,14 @@ class Teacher:
     prompt_embeds: Tensor | None = None  # (N, L, D)
     negative_prompt_embeds: Tensor | None = None  # (1, L, D)
     vae: nn.Module | None = None  # latent decoder of latent models (evaluation images only)
-    family: str = "unet"  # train.families name
+    family: str = "unet"  # train.models.families name
     prompt_attention_mask: Tensor | None = None  # (N, L), families whose denoiser takes the mask (PixArt)
     negative_prompt_attention_mask: Tensor | None = None  # (1, L)
     shape_override: tuple[int, ...] | None = None  # teacher.sample_shape
 
     @property
     def adapter(self) -> Family:
-        """The family adapter of the denoiser (:mod:`train.families`)."""
+        """The family adapter of the denoiser (:mod:`train.models.families`)."""
         return get_family(self.family)
 
     @property
@@ -111,7 +118,7 @@ class Teacher:
     def contexts(self, labels: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """``(cond, uncond)`` conditions for condition indices ``labels (B,)``.
 
-        Cross-attention states ``(B, L, D)`` (PixArt with a mask: ``(B, L, D + 1)``, see :mod:`train.families`),
+        Cross-attention states ``(B, L, D)`` (PixArt with a mask: ``(B, L, D + 1)``, see :mod:`train.models.families`),
         or, for DiT, the labels ``(B,)`` and the null labels.
         """
         if self.conditioning == "class" and self.class_embedder is None:  # the model embeds labels itself (DiT)
@@ -234,7 +241,7 @@ def load_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu") -> Teac
     elif cfg.conditioning == "prompt_embeds":
         _set_prompts(teacher, _read_prompt_embeds(resolve_path(cfg.prompt_embeds_path)), dtype)
     elif cfg.conditioning == "prompts":
-        from train.text import load_or_encode_prompts
+        from train.models.text import load_or_encode_prompts
 
         cache = resolve_path(cfg.prompt_embeds_cache) if cfg.prompt_embeds_cache else None
         tensors = load_or_encode_prompts(root, cfg.text_encoder_subfolder, cfg.tokenizer_subfolder, family,

@@ -1,7 +1,7 @@
-"""A small CNN digit classifier: the feature extractor and judge behind the digits-domain metrics.
+"""Trains the digits classifier behind the digits-domain metrics (:mod:`train.eval.digits`).
 
 Inception-v3 weights (FID, Inception Score) are not available offline and are meaningless on 16x16 one-channel
-digits anyway, so ``train.metrics`` scores samples of the embedded digits teacher with this network instead:
+digits anyway, so ``train.eval.metrics`` scores samples of the embedded digits teacher with this network instead:
 
 - ``features(x)`` (the 64-d penultimate layer) feeds the Frechet distance "FD-digits" (FID with this net
   standing in for Inception);
@@ -9,9 +9,9 @@ digits anyway, so ``train.metrics`` scores samples of the embedded digits teache
 
 Regenerate the shipped artifacts with::
 
-    python -m train.digits_classifier --output assets/digits_classifier --seed 0
+    python -m train.tools.digits_classifier --output assets/digits_classifier --seed 0
 
-Data: ``train.digits_teacher.load_digits_tensor(16)`` (sklearn's 1797 digits, 16x16, values in ``[-1, 1]``),
+Data: ``train.eval.digits.load_digits_tensor(16)`` (sklearn's 1797 digits, 16x16, values in ``[-1, 1]``),
 exactly the domain the teacher samples in. A seeded, stratified 20% split is held out and never trained on.
 """
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -27,115 +26,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from train.digits_teacher import machine_description
+from train.eval.digits import (
+    CONFIG_NAME,
+    DEFAULT_PATH,
+    REGEN_COMMAND,
+    WEIGHTS_NAME,
+    DigitsClassifier,
+    load_digits_tensor,
+)
+from train.tools.digits_teacher import machine_description
 
-__all__ = ["DEFAULT_PATH", "DigitsClassifier", "load_digits_classifier", "main", "train"]
+__all__ = ["main", "train"]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_PATH = "assets/digits_classifier"
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-REGEN_COMMAND = "python -m train.digits_classifier --output assets/digits_classifier --seed 0"
-
-
-class DigitsClassifier(nn.Module):
-    """Two conv stages and a 64-unit hidden layer for ``(B, 1, 16, 16)`` digits in ``[-1, 1]``.
-
-    Layout: ``[conv3x3(c1) -> ReLU] x2 -> maxpool2 -> [conv3x3(c2) -> ReLU] x2 -> maxpool2 -> flatten
-    (c2 * 4 * 4) -> linear(feature_dim) -> ReLU -> dropout -> linear(num_classes)``.
-
-    No normalisation layers: the features must be a deterministic function of a single image, independent of
-    batch composition, so that the Frechet distance does not depend on how samples are batched.
-
-    Args:
-        channels: Output channels ``(c1, c2)`` of the two conv stages.
-        feature_dim: Width ``F`` of the penultimate layer returned by :meth:`features`.
-        num_classes: Number of output logits.
-        dropout: Dropout probability before the last layer (training only).
-        image_size: Input side length; must be divisible by 4.
-    """
-
-    def __init__(
-        self,
-        channels: tuple[int, int] = (32, 64),
-        feature_dim: int = 64,
-        num_classes: int = 10,
-        dropout: float = 0.3,
-        image_size: int = 16,
-    ) -> None:
-        super().__init__()
-        c1, c2 = channels
-        self.config = {
-            "channels": [c1, c2],
-            "feature_dim": feature_dim,
-            "num_classes": num_classes,
-            "dropout": dropout,
-            "image_size": image_size,
-        }
-        self.conv = nn.Sequential(
-            nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(c1, c1, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(c2, c2, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2),
-        )
-        self.hidden = nn.Linear(c2 * (image_size // 4) ** 2, feature_dim)
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(feature_dim, num_classes)
-
-    def features(self, x: Tensor) -> Tensor:
-        """Penultimate activations (the input of the final linear layer).
-
-        Args:
-            x: Images of shape ``(B, 1, H, W)`` with values in ``[-1, 1]``.
-
-        Returns:
-            Tensor of shape ``(B, feature_dim)`` (post-ReLU, so non-negative).
-        """
-        return F.relu(self.hidden(self.conv(x).flatten(1)))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Class logits of shape ``(B, num_classes)`` for images ``x`` of shape ``(B, 1, H, W)``."""
-        return self.head(self.dropout(self.features(x)))
-
-
-def resolve_path(path: str | os.PathLike[str]) -> Path:
-    """``path`` as given if it exists (or is absolute), else relative to the repository root."""
-    p = Path(os.path.expanduser(str(path)))
-    if p.exists() or p.is_absolute():
-        return p
-    return REPO_ROOT / p
-
-
-def load_digits_classifier(path: str | os.PathLike[str] = DEFAULT_PATH) -> DigitsClassifier:
-    """Load the shipped (or a regenerated) classifier in eval mode on the CPU.
-
-    Args:
-        path: Directory with ``config.json`` and ``model.safetensors``. A relative path that does not exist
-            relative to the working directory is resolved against the repository root.
-
-    Raises:
-        FileNotFoundError: If either file is missing; the message names the file and the regeneration command.
-    """
-    from safetensors.torch import load_file
-
-    root = resolve_path(path)
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (root / name).is_file():
-            raise FileNotFoundError(
-                f"Digits classifier file not found: {root / name}. Regenerate it with: {REGEN_COMMAND}"
-            )
-    config = json.loads((root / CONFIG_NAME).read_text())
-    model = DigitsClassifier(
-        channels=tuple(config["channels"]),
-        feature_dim=config["feature_dim"],
-        num_classes=config["num_classes"],
-        dropout=config.get("dropout", 0.0),
-        image_size=config.get("image_size", 16),
-    )
-    model.load_state_dict(load_file(str(root / WEIGHTS_NAME)))
-    return model.eval()
 
 
 def _random_shift(x: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
@@ -166,7 +68,6 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     from safetensors.torch import save_file
     from sklearn.model_selection import train_test_split
 
-    from train.digits_teacher import load_digits_tensor
 
     torch.manual_seed(args.seed)
     # One thread by default: at this size thread synchronisation costs more than it saves (measured ~8x slower
@@ -232,11 +133,11 @@ def _write_readme(out: Path, args: argparse.Namespace, metrics: dict[str, float]
     size_kb = (out / WEIGHTS_NAME).stat().st_size / 1024
     text = f"""# DiffQAT digits classifier (feature extractor for FD-digits)
 
-A small CNN that classifies the 16x16, 1-channel, `[-1, 1]` digits of `train.digits_teacher.load_digits_tensor`.
-`train.metrics` uses its 64-d penultimate layer (`features`) for the Frechet distance "FD-digits" (FID with this
+A small CNN that classifies the 16x16, 1-channel, `[-1, 1]` digits of `train.eval.digits.load_digits_tensor`.
+`train.eval.metrics` uses its 64-d penultimate layer (`features`) for the Frechet distance "FD-digits" (FID with this
 network in place of Inception) and its logits for the class accuracy of class-conditional teacher/student samples.
 
-Architecture (`train.digits_classifier.DigitsClassifier`, see `config.json`):
+Architecture (`train.eval.digits.DigitsClassifier`, see `config.json`):
 `[conv3x3({args.c1}) ReLU] x2 -> maxpool2 -> [conv3x3({args.c2}) ReLU] x2 -> maxpool2 ->
 linear({args.feature_dim}) ReLU -> dropout({args.dropout}) -> linear(10)`; {metrics['num_parameters']} parameters,
 `model.safetensors` {size_kb:.0f} KB (float32). No normalisation layers: features do not depend on batch composition.
@@ -244,7 +145,7 @@ linear({args.feature_dim}) ReLU -> dropout({args.dropout}) -> linear(10)`; {metr
 ## Loading
 
 ```python
-from train.digits_classifier import load_digits_classifier
+from train.eval.digits import load_digits_classifier
 
 classifier = load_digits_classifier()  # eval mode, CPU; path defaults to assets/digits_classifier
 ```

@@ -1,15 +1,15 @@
 """Converts CompVis latent-diffusion checkpoints into teacher directories in the diffusers layout that
-:func:`train.teacher.load_teacher` reads, in one call: UNet, first stage, class embedder and scheduler.
+:func:`train.models.teacher.load_teacher` reads, in one call: UNet, first stage, class embedder and scheduler.
 
-    python -m train.convert_compvis cin256-v2.safetensors teachers/ldm4-cin256 --layout cin256-v2
-    python -m train.convert_compvis bedrooms.safetensors teachers/ldm4-bedrooms --layout lsun_bedrooms-ldm-vq-4
-    python -m train.convert_compvis model.safetensors out/ --compvis-config configs/latent-diffusion/model.yaml
+    python -m train.tools.convert_compvis cin256-v2.safetensors teachers/ldm4-cin256 --layout cin256-v2
+    python -m train.tools.convert_compvis bedrooms.safetensors teachers/ldm4-bedrooms --layout lsun_bedrooms-ldm-vq-4
+    python -m train.tools.convert_compvis model.safetensors out/ --compvis-config configs/latent-diffusion/model.yaml
 
 A layout is the ``model.params`` of a CompVis yaml (``unet_config``, ``first_stage_config``, ``cond_stage_config``,
 ``linear_start`` / ``linear_end`` / ``timesteps``); the diffusers configs and every key map are derived from it
-(:mod:`train.convert_compvis_unet`, :mod:`train.convert_compvis_vae`), so any model of the same families converts
-without a hand-written table. The EfficientDM layer map (:mod:`qat.methods.efficientdm`) is checked on the converted
-UNet against the reference code's rule applied to the CompVis names (:func:`efficientdm_layer_check`).
+(:mod:`train.tools.convert_compvis_unet`, :mod:`train.tools.convert_compvis_vae`), so any model of the same families
+converts without a hand-written table. The EfficientDM layer map (:mod:`qat.methods.efficientdm`) is checked on the
+converted UNet against the reference code's rule applied to the CompVis names (:func:`efficientdm_layer_check`).
 
 Checkpoints are read with ``safetensors`` or, for ``.ckpt``, with ``torch.load(weights_only=True)`` only: pickles
 that need arbitrary code are refused, never executed.
@@ -18,7 +18,8 @@ Output directory::
 
     <out>/unet/             UNet2DConditionModel (SpatialTransformer UNets) or UNet2DModel (legacy AttentionBlock)
     <out>/vqvae/ | vae/     VQModel (VQ first stage) or AutoencoderKL (KL first stage), scaling_factor = scale_factor
-    <out>/class_embedder/   train.models.ClassEmbedder from cond_stage_model.embedding.weight (null class = last row)
+    <out>/class_embedder/   ClassEmbedder (train.models.class_embedder) from cond_stage_model.embedding.weight
+                            (null class = last row)
     <out>/scheduler/        DDPMScheduler with LDM's "linear" betas (= diffusers "scaled_linear")
 """
 
@@ -38,19 +39,19 @@ from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from train.convert_compvis_unet import (
+from train.models.class_embedder import ClassEmbedder
+from train.tools.convert_compvis_unet import (
     HEADS_KEY,
-    _listing,
-    _unet_map,
     build_unet,
     compvis_to_diffusers_unet_keys,
     compvis_unet_config,
     convert_unet_state_dict,
     diffusers_to_compvis_unet_keys,
+    key_listing,
     qkv_order_of,
+    unet_key_map,
 )
-from train.convert_compvis_vae import build_vae, compvis_first_stage_config, convert_vae_state_dict
-from train.models import ClassEmbedder
+from train.tools.convert_compvis_vae import build_vae, compvis_first_stage_config, convert_vae_state_dict
 
 __all__ = [
     "CIN256_V2_UNET_CONFIG",
@@ -187,7 +188,7 @@ def teacher_spec(params: Mapping[str, Any], lazy_unet: bool = False, per_block_h
     Args:
         params: e.g. ``LAYOUTS["cin256-v2"]`` or :func:`load_compvis_config` of a yaml.
         lazy_unet: leave ``unet_config`` None (the caller supplies its own; its translation errors do not apply).
-        per_block_heads: see :func:`train.convert_compvis_unet.compvis_unet_config`.
+        per_block_heads: see :func:`train.tools.convert_compvis_unet.compvis_unet_config`.
 
     Raises:
         ValueError: a schedule, parameterization, conditioning or model option the converter does not support.
@@ -328,7 +329,7 @@ def efficientdm_layer_check(unet: nn.Module, extra_exclude: Sequence[str] = (),
     from qat.methods.efficientdm import EfficientDMConfig, efficientdm_spec
     from qat.prepare import prepare
 
-    mapping, conv_dims = _unet_map(unet)
+    mapping, conv_dims = unet_key_map(unet)
     modules = dict(unet.named_modules())
     reference: dict[str, str] = {}
     for key, target in mapping.items():
@@ -479,7 +480,7 @@ def convert_checkpoint(checkpoint_path: str | Path, out_dir: str | Path, unet_co
         check_layer_map: log :func:`efficientdm_layer_check` of the converted UNet.
         per_block_heads: convert a ``num_heads`` legacy-attention UNet whose head dim changes per level (LSUN
             churches LDM-8) with per-module head counts in ``unet/config.json``; loaders must then call
-            :func:`train.convert_compvis_unet.apply_attention_heads` after ``from_pretrained``.
+            :func:`train.tools.convert_compvis_unet.apply_attention_heads` after ``from_pretrained``.
 
     Returns:
         ``out_dir`` as a Path (``teacher.path``; the log line says which conditioning and ``vae_subfolder`` to use).
@@ -501,13 +502,13 @@ def convert_checkpoint(checkpoint_path: str | Path, out_dir: str | Path, unet_co
         raise ValueError(f"{path}: no '{UNET_PREFIX}*' keys; is this a CompVis LatentDiffusion checkpoint? "
                          f"first keys: {list(sd)[:5]}")
     if parts.cond_other:
-        raise ValueError(f"{path}: cond_stage_model keys {_listing(parts.cond_other)} are not supported: the "
+        raise ValueError(f"{path}: cond_stage_model keys {key_listing(parts.cond_other)} are not supported: the "
                          f"converter handles a class table ({CLASS_EMBEDDING_KEY}) or no conditioning model")
     spec = teacher_spec(params, lazy_unet=unet_config is not None, per_block_heads=per_block_heads)
     unet = build_unet(unet_config if unet_config is not None else spec.unet_config).eval()
     if getattr(unet.config, HEADS_KEY, None):
         log.warning("%s: the UNet keeps CompVis' per-level head counts in unet/config.json (%s); from_pretrained "
-                    "does not apply them: load it with train.convert_compvis_unet.apply_attention_heads(unet) "
+                    "does not apply them: load it with train.tools.convert_compvis_unet.apply_attention_heads(unet) "
                     "after from_pretrained, or its attention is wrong", path, HEADS_KEY)
     unet.load_state_dict(convert_unet_state_dict(parts.unet, unet, source=str(path), qkv_order=spec.qkv_order),
                          strict=True)
@@ -533,7 +534,7 @@ def convert_checkpoint(checkpoint_path: str | Path, out_dir: str | Path, unet_co
                     "teacher.vae_subfolder unset)", path)
     if parts.ignored:
         log.info("%s: ignored tensors outside the UNet / first stage / class table: %s", path,
-                 _listing(parts.ignored, 4))
+                 key_listing(parts.ignored, 4))
     if check_layer_map:
         log.info("%s", efficientdm_layer_check(unet))
 
@@ -563,7 +564,7 @@ def _json_config(path: str) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m train.convert_compvis CHECKPOINT OUT_DIR [--layout NAME | --compvis-config YAML] [...]``."""
+    """``python -m train.tools.convert_compvis CHECKPOINT OUT_DIR [--layout NAME | --compvis-config YAML] [...]``."""
     parser = argparse.ArgumentParser(description="Convert a CompVis latent-diffusion checkpoint (UNet, first stage, "
                                                  "class embedder, schedule) into a DiffQAT teacher directory.")
     parser.add_argument("checkpoint", help=".safetensors (preferred) or .ckpt holding only tensors")

@@ -7,7 +7,7 @@ quantization method in DiffQAT can be run end to end (and tested) without downlo
 
 Regenerate the shipped artifacts with::
 
-    python -m train.digits_teacher --output assets/digits_teacher --seed 0
+    python -m train.tools.digits_teacher --output assets/digits_teacher --seed 0
 
 Data: the 1797 8x8 images of ``sklearn.datasets.load_digits`` (bundled with scikit-learn, no download), scaled
 from ``[0, 16]`` to ``[-1, 1]`` and bilinearly upscaled to 16x16 so that the UNet has two resolutions to work with.
@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from torch import Tensor, nn
 
-from train.models import ClassEmbedder
+from train.eval.digits import load_digits_tensor
+from train.models.class_embedder import ClassEmbedder
 
 __all__ = [
     "EMBED_DIM",
@@ -41,7 +42,6 @@ __all__ = [
     "NUM_CLASSES",
     "build_scheduler",
     "build_unet",
-    "load_digits_tensor",
     "main",
     "sample_digits",
     "save_grid",
@@ -51,31 +51,6 @@ __all__ = [
 NUM_CLASSES = 10
 IMAGE_SIZE = 16
 EMBED_DIM = 64
-
-
-def load_digits_tensor(size: int = IMAGE_SIZE) -> tuple[Tensor, Tensor]:
-    """Load scikit-learn's handwritten digits as a diffusion-ready image tensor.
-
-    Args:
-        size: Output side length; the 8x8 originals are resized with bilinear interpolation
-            (``align_corners=False``). ``size=8`` returns the originals unchanged apart from scaling.
-
-    Returns:
-        images: Float32 tensor of shape ``(N, 1, size, size)`` with values in ``[-1, 1]`` (N = 1797).
-        labels: Int64 tensor of shape ``(N,)`` with values in ``0 .. 9``.
-    """
-    # Imported here so that importing this module (e.g. for ``build_unet``) does not pull in scikit-learn.
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = torch.as_tensor(digits.images, dtype=torch.float32)[:, None]  # (N, 1, 8, 8), values 0..16
-    images = images / 8.0 - 1.0  # [0, 16] -> [-1, 1]
-    if size != images.shape[-1]:
-        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-    # Bilinear weights are a convex combination, so the range is preserved; the clamp only guards rounding.
-    images = images.clamp(-1.0, 1.0).contiguous()
-    labels = torch.as_tensor(digits.target, dtype=torch.long)
-    return images, labels
 
 
 def build_unet(embed_dim: int = EMBED_DIM, sample_size: int = IMAGE_SIZE) -> UNet2DConditionModel:
@@ -372,12 +347,12 @@ in DiffQAT can be run and tested end to end on a CPU without downloading any wei
   `layers_per_block={cfg.layers_per_block}`, `norm_num_groups={cfg.norm_num_groups}`,
   `cross_attention_dim={cfg.cross_attention_dim}`, `attention_head_dim={cfg.attention_head_dim}`;
   epsilon prediction. safetensors: {size_mb:.2f} MB (float32).
-- `class_embedder/`: `train.models.ClassEmbedder(num_classes={NUM_CLASSES}, embed_dim={EMBED_DIM})`, key
+- `class_embedder/`: `train.models.class_embedder.ClassEmbedder(num_classes={NUM_CLASSES}, embed_dim={EMBED_DIM})`, key
   `embedding.weight` with {NUM_CLASSES + 1} rows; row {NUM_CLASSES} is the null class for classifier-free guidance.
   Its output `(B, 1, {EMBED_DIM})` is the UNet's `encoder_hidden_states`.
 - `scheduler/`: the training `DDPMScheduler` (1000 steps, linear betas 1e-4..2e-2, `clip_sample=True`).
   Sample with `DDIMScheduler.from_config(...)`, 50 steps, guidance scale ~2
-  (`train.digits_teacher.sample_digits`). Scales of 1.5 to 2 give the cleanest digits; at 3 and above this small
+  (`train.tools.digits_teacher.sample_digits`). Scales of 1.5 to 2 give the cleanest digits; at 3 and above this small
   model is pushed off the data and many digits change shape, so do not use it as the reference setting.
 
 Weights are the EMA of the trained weights, decay `min({args.ema_decay}, (1 + step) / (10 + step))` at each step.
@@ -386,7 +361,7 @@ Weights are the EMA of the trained weights, decay `min({args.ema_decay}, (1 + st
 
 ```python
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from train.models import ClassEmbedder
+from train.models.class_embedder import ClassEmbedder
 
 unet = UNet2DConditionModel.from_pretrained("assets/digits_teacher", subfolder="unet")
 embedder = ClassEmbedder.from_pretrained("assets/digits_teacher", subfolder="class_embedder")
@@ -448,7 +423,7 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _regeneration_command(args: argparse.Namespace) -> str:
     """The command line that reproduces ``args``' weights: output, seed and every non-default training option."""
-    parts = ["python -m train.digits_teacher", f"--output {args.output}", f"--seed {args.seed}"]
+    parts = ["python -m train.tools.digits_teacher", f"--output {args.output}", f"--seed {args.seed}"]
     parser = _build_parser()
     for name in ("steps", "batch_size", "lr", "warmup", "weight_decay", "label_dropout", "ema_decay", "device"):
         value = getattr(args, name)

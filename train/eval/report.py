@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from train.evaluate import Evaluator, SampleSet
-from train.pipeline import save_adm_npz
+from train.eval.evaluate import Evaluator, SampleSet
+from train.models.pipeline import save_adm_npz
 
 __all__ = ["METRIC_LABELS", "write_report", "write_run_report", "sanitize", "plot_eps_curves", "plot_sample_grids"]
 

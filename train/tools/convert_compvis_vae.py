@@ -24,7 +24,7 @@ from typing import Any
 from diffusers import AutoencoderKL, VQModel
 from torch import Tensor, nn
 
-from train.convert_compvis_unet import KeyMap, _cfg, _pair, remap_state_dict, remap_to_compvis
+from train.tools.convert_compvis_unet import KeyMap, map_pair, plain_config, remap_state_dict, remap_to_compvis
 
 __all__ = [
     "build_vae",
@@ -47,7 +47,7 @@ def vae_class_name(config: Mapping[str, Any] | Any) -> str:
     """``VQModel`` or ``AutoencoderKL``: the model's class, ``_class_name``, or a codebook size in the config."""
     if isinstance(config, (VQModel, AutoencoderKL)):
         return type(config).__name__
-    cfg = _cfg(config)
+    cfg = plain_config(config)
     name = cfg.get("_class_name") or ("VQModel" if "num_vq_embeddings" in cfg else "AutoencoderKL")
     if name not in _VAE_CLASSES:
         raise ValueError(f"_class_name={name!r}: the CompVis first stage converts to one of {sorted(_VAE_CLASSES)}")
@@ -56,7 +56,8 @@ def vae_class_name(config: Mapping[str, Any] | Any) -> str:
 
 def build_vae(config: Mapping[str, Any]) -> VQModel | AutoencoderKL:
     """The diffusers autoencoder of ``config`` (kwargs, optionally with ``_class_name``; other ``_*`` ignored)."""
-    return _VAE_CLASSES[vae_class_name(config)](**{k: v for k, v in _cfg(config).items() if not k.startswith("_")})
+    kwargs = {k: v for k, v in plain_config(config).items() if not k.startswith("_")}
+    return _VAE_CLASSES[vae_class_name(config)](**kwargs)
 
 
 def compvis_first_stage_config(ddconfig: Mapping[str, Any], embed_dim: int, n_embed: int | None = None,
@@ -119,16 +120,16 @@ def _check(cfg: Mapping[str, Any], kind: str) -> None:
 def _resnet(out: KeyMap, src: str, dst: str, shortcut: bool) -> None:
     """Autoencoder ResnetBlock -> ResnetBlock2D (no time embedding); ``nin_shortcut`` where channels change."""
     for name in ("norm1", "conv1", "norm2", "conv2"):
-        _pair(out, f"{src}.{name}", f"{dst}.{name}")
+        map_pair(out, f"{src}.{name}", f"{dst}.{name}")
     if shortcut:
-        _pair(out, f"{src}.nin_shortcut", f"{dst}.conv_shortcut")
+        map_pair(out, f"{src}.nin_shortcut", f"{dst}.conv_shortcut")
 
 
 def _attn(out: KeyMap, conv_dims: dict[str, int], src: str, dst: str) -> None:
     """AttnBlock (1x1 Conv2d q, k, v, proj_out) -> Attention (Linear to_q, to_k, to_v, to_out.0)."""
-    _pair(out, f"{src}.norm", f"{dst}.group_norm")
+    map_pair(out, f"{src}.norm", f"{dst}.group_norm")
     for a, b in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")):
-        _pair(out, f"{src}.{a}", f"{dst}.{b}")
+        map_pair(out, f"{src}.{a}", f"{dst}.{b}")
         conv_dims[f"{src}.{a}.weight"] = 2
 
 
@@ -141,7 +142,7 @@ def _mid(out: KeyMap, conv_dims: dict[str, int], part: str) -> None:
 def _vae_map(config: Mapping[str, Any] | Any) -> tuple[KeyMap, dict[str, int]]:
     """(CompVis key -> diffusers key, CompVis key -> extra trailing 1x1 dims) for the autoencoder of ``config``."""
     kind = vae_class_name(config)
-    cfg = _cfg(config.config if isinstance(config, nn.Module) else config)
+    cfg = plain_config(config.config if isinstance(config, nn.Module) else config)
     _check(cfg, kind)
     channels = list(cfg["block_out_channels"])
     levels, layers = len(channels), int(cfg["layers_per_block"])
@@ -150,7 +151,7 @@ def _vae_map(config: Mapping[str, Any] | Any) -> tuple[KeyMap, dict[str, int]]:
     out: KeyMap = {}
     conv_dims: dict[str, int] = {}
 
-    _pair(out, "encoder.conv_in", "encoder.conv_in")
+    map_pair(out, "encoder.conv_in", "encoder.conv_in")
     ch = channels[0]
     for i, c in enumerate(channels):
         for j in range(layers):
@@ -159,12 +160,12 @@ def _vae_map(config: Mapping[str, Any] | Any) -> tuple[KeyMap, dict[str, int]]:
                 _attn(out, conv_dims, f"encoder.down.{i}.attn.{j}", f"encoder.down_blocks.{i}.attentions.{j}")
             ch = c
         if i != levels - 1:
-            _pair(out, f"encoder.down.{i}.downsample.conv", f"encoder.down_blocks.{i}.downsamplers.0.conv")
+            map_pair(out, f"encoder.down.{i}.downsample.conv", f"encoder.down_blocks.{i}.downsamplers.0.conv")
     _mid(out, conv_dims, "encoder")
-    _pair(out, "encoder.norm_out", "encoder.conv_norm_out")
-    _pair(out, "encoder.conv_out", "encoder.conv_out")
+    map_pair(out, "encoder.norm_out", "encoder.conv_norm_out")
+    map_pair(out, "encoder.conv_out", "encoder.conv_out")
 
-    _pair(out, "decoder.conv_in", "decoder.conv_in")
+    map_pair(out, "decoder.conv_in", "decoder.conv_in")
     _mid(out, conv_dims, "decoder")
     ch = channels[-1]
     for u in range(levels):
@@ -176,12 +177,12 @@ def _vae_map(config: Mapping[str, Any] | Any) -> tuple[KeyMap, dict[str, int]]:
                 _attn(out, conv_dims, f"decoder.up.{level}.attn.{j}", f"decoder.up_blocks.{u}.attentions.{j}")
             ch = c
         if level != 0:
-            _pair(out, f"decoder.up.{level}.upsample.conv", f"decoder.up_blocks.{u}.upsamplers.0.conv")
-    _pair(out, "decoder.norm_out", "decoder.conv_norm_out")
-    _pair(out, "decoder.conv_out", "decoder.conv_out")
+            map_pair(out, f"decoder.up.{level}.upsample.conv", f"decoder.up_blocks.{u}.upsamplers.0.conv")
+    map_pair(out, "decoder.norm_out", "decoder.conv_norm_out")
+    map_pair(out, "decoder.conv_out", "decoder.conv_out")
 
-    _pair(out, "quant_conv", "quant_conv")
-    _pair(out, "post_quant_conv", "post_quant_conv")
+    map_pair(out, "quant_conv", "quant_conv")
+    map_pair(out, "post_quant_conv", "post_quant_conv")
     if kind == "VQModel":
         out["quantize.embedding.weight"] = "quantize.embedding.weight"
     return out, conv_dims

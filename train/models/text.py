@@ -3,10 +3,10 @@
 The teacher directory holds the text encoder and tokenizer in the diffusers layout (``text_encoder/`` with a
 transformers ``config.json`` + weights, ``tokenizer/``); a prompt file holds one prompt per line. The prompts and the
 negative prompt are tokenized to a fixed length and encoded the way the family's own diffusers pipeline does it
-(:class:`train.families.TextConvention`: CLIP last hidden state for Stable Diffusion; T5 states with the attention
-mask for PixArt; T5 padded to ``max_text_seq_length`` for CogVideoX; umT5 with padding states zeroed for Wan). The
-result has the layout of a ``prompt_embeds`` file (:func:`save_prompt_embeds`), and can be cached in one so that
-later runs and the other processes skip the encoder (``teacher.prompt_embeds_cache``).
+(:class:`train.models.families.TextConvention`: CLIP last hidden state for Stable Diffusion; T5 states with the
+attention mask for PixArt; T5 padded to ``max_text_seq_length`` for CogVideoX; umT5 with padding states zeroed for
+Wan). The result has the layout of a ``prompt_embeds`` file (:func:`save_prompt_embeds`), and can be cached in one so
+that later runs and the other processes skip the encoder (``teacher.prompt_embeds_cache``).
 
 Nothing is downloaded (``local_files_only``); a missing folder or file stops with what to put where.
 """
@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from train.families import Family
+from train.models.families import Family
 
 __all__ = ["read_prompts", "encode_prompts", "load_or_encode_prompts", "save_prompt_embeds", "PROMPT_KEYS"]
 

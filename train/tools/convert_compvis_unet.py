@@ -34,6 +34,8 @@ import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 from torch import Tensor, nn
 
+from train.models.families import HEADS_KEY, apply_attention_heads
+
 __all__ = [
     "HEADS_KEY",
     "KeyMap",
@@ -58,7 +60,6 @@ KeyMap = dict[str, str | tuple[str, str, str]]
 QKV_ORDERS = ("legacy", "new")
 
 #: Config key of per-module head counts (``UNet2DModel`` of a ``num_heads`` UNet whose head dim changes per level).
-HEADS_KEY = "_compvis_attention_heads"
 
 # Config values of a UNet2DConditionModel that add modules (or change their names or maths) which the CompVis UNet
 # has no counterpart for; the converter supports only the value given here.
@@ -82,7 +83,7 @@ _UP_TYPES = {"UNet2DConditionModel": ("UpBlock2D", "CrossAttnUpBlock2D"),
 
 
 # ------------------------------------------------------------------------------------------------ shared helpers
-def _cfg(config: Any) -> dict[str, Any]:
+def plain_config(config: Any) -> dict[str, Any]:
     """Plain dict of a diffusers config (FrozenDict, model.config or dict)."""
     return dict(config.items()) if hasattr(config, "items") else dict(vars(config))
 
@@ -101,7 +102,7 @@ def _fit(value: Tensor, shape: torch.Size) -> Tensor | None:
     return value.reshape(shape) if a == b else None
 
 
-def _listing(keys: Sequence[str], limit: int = 8) -> str:
+def key_listing(keys: Sequence[str], limit: int = 8) -> str:
     shown = ", ".join(keys[:limit])
     return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
 
@@ -189,11 +190,11 @@ def remap_state_dict(sd: Mapping[str, Tensor], mapping: KeyMap, model: nn.Module
     missing = [k for k in expected if k not in supplied]
     problems = []
     if unknown:
-        problems.append(f"unknown CompVis keys {_listing(unknown)}")
+        problems.append(f"unknown CompVis keys {key_listing(unknown)}")
     if missing:
-        problems.append(f"diffusers keys without a value in the checkpoint {_listing(missing)}")
+        problems.append(f"diffusers keys without a value in the checkpoint {key_listing(missing)}")
     if bad_shape:
-        problems.append(f"shape mismatches {_listing(bad_shape, 4)}")
+        problems.append(f"shape mismatches {key_listing(bad_shape, 4)}")
     if problems:
         raise ValueError(f"{source}: the CompVis {what} does not match the diffusers config: " + "; ".join(problems)
                          + f". {hint}")
@@ -224,7 +225,7 @@ def unet_class_name(config: Mapping[str, Any] | Any) -> str:
     """``UNet2DConditionModel`` or ``UNet2DModel``: ``_class_name`` if given, else cross-attention blocks decide."""
     if isinstance(config, (UNet2DConditionModel, UNet2DModel)):
         return type(config).__name__
-    cfg = _cfg(config)
+    cfg = plain_config(config)
     name = cfg.get("_class_name")
     if name is None:
         blocks = list(cfg.get("down_block_types", ())) + list(cfg.get("up_block_types", ()))
@@ -238,33 +239,13 @@ def unet_class_name(config: Mapping[str, Any] | Any) -> str:
 def build_unet(config: Mapping[str, Any]) -> UNet2DConditionModel | UNet2DModel:
     """The diffusers UNet of ``config`` (kwargs, optionally with ``_class_name``; other ``_*`` keys are ignored,
     except :data:`HEADS_KEY`, which is stored in the model config and applied, see :func:`apply_attention_heads`)."""
-    cfg = _cfg(config)
+    cfg = plain_config(config)
     cls = UNet2DConditionModel if unet_class_name(cfg) == "UNet2DConditionModel" else UNet2DModel
     unet = cls(**{k: v for k, v in cfg.items() if not k.startswith("_")})
     if cfg.get(HEADS_KEY):
         unet.register_to_config(**{HEADS_KEY: dict(cfg[HEADS_KEY])})  # saved in config.json by save_pretrained
         apply_attention_heads(unet)
     return unet
-
-
-def apply_attention_heads(unet: nn.Module) -> int:
-    """Sets the head count of every attention module listed in ``unet.config[HEADS_KEY]``; returns how many.
-
-    diffusers' ``UNet2DModel`` has one ``attention_head_dim`` for all blocks, while a CompVis UNet configured with
-    ``num_heads`` keeps the head *count* fixed, so its head dim changes with the width of the level (LSUN churches
-    LDM-8: 8 heads of 24..96 channels). Such a UNet is saved with an ``attention_head_dim`` that divides every width
-    (so the projection shapes are right) and the true per-module head counts under :data:`HEADS_KEY`;
-    ``from_pretrained`` keeps that key in ``unet.config`` but does not apply it, so loaders must call this function
-    after loading (a no-op for every other model). The attention maths is then exactly CompVis'.
-    """
-    heads = dict(getattr(unet.config, HEADS_KEY, None) or {})
-    for name, count in heads.items():
-        attn = unet.get_submodule(name)
-        if attn.inner_dim % count:
-            raise ValueError(f"{HEADS_KEY}: {name} has {attn.inner_dim} channels, not divisible by {count} heads")
-        attn.heads = attn.sliceable_head_dim = int(count)
-        attn.scale = (attn.inner_dim // count) ** -0.5
-    return len(heads)
 
 
 def _check_required(cfg: Mapping[str, Any], required: Mapping[str, Any], kind: str) -> None:
@@ -290,7 +271,7 @@ def _module_params(bias: bool = True) -> tuple[str, ...]:
     return ("weight", "bias") if bias else ("weight",)
 
 
-def _pair(out: KeyMap, src: str, dst: str, bias: bool = True) -> None:
+def map_pair(out: KeyMap, src: str, dst: str, bias: bool = True) -> None:
     for p in _module_params(bias):
         out[f"{src}.{p}"] = f"{dst}.{p}"
 
@@ -302,13 +283,13 @@ def _resnet(out: KeyMap, src: str, dst: str, shortcut: bool) -> None:
     if shortcut:  # a 1x1 conv only where the channel count changes
         names.append(("skip_connection", "conv_shortcut"))
     for a, b in names:
-        _pair(out, f"{src}.{a}", f"{dst}.{b}")
+        map_pair(out, f"{src}.{a}", f"{dst}.{b}")
 
 
 def _transformer(out: KeyMap, src: str, dst: str, depth: int) -> None:
     """SpatialTransformer ``src`` -> Transformer2DModel ``dst``; the inner names are identical in both."""
     for name in ("norm", "proj_in", "proj_out"):
-        _pair(out, f"{src}.{name}", f"{dst}.{name}")
+        map_pair(out, f"{src}.{name}", f"{dst}.{name}")
     for d in range(depth):
         block = f"transformer_blocks.{d}"
         names = [("norm1", True), ("norm2", True), ("norm3", True), ("ff.net.0.proj", True), ("ff.net.2", True)]
@@ -316,15 +297,15 @@ def _transformer(out: KeyMap, src: str, dst: str, depth: int) -> None:
             names += [(f"{attn}.to_q", False), (f"{attn}.to_k", False), (f"{attn}.to_v", False),
                       (f"{attn}.to_out.0", True)]
         for name, bias in names:
-            _pair(out, f"{src}.{block}.{name}", f"{dst}.{block}.{name}", bias)
+            map_pair(out, f"{src}.{block}.{name}", f"{dst}.{block}.{name}", bias)
 
 
 def _legacy_attention(out: KeyMap, conv_dims: dict[str, int], src: str, dst: str) -> None:
     """AttentionBlock ``src`` (norm, qkv Conv1d, proj_out Conv1d) -> deprecated-attn-block ``Attention`` ``dst``."""
-    _pair(out, f"{src}.norm", f"{dst}.group_norm")
+    map_pair(out, f"{src}.norm", f"{dst}.group_norm")
     for p in ("weight", "bias"):
         out[f"{src}.qkv.{p}"] = (f"{dst}.to_q.{p}", f"{dst}.to_k.{p}", f"{dst}.to_v.{p}")
-    _pair(out, f"{src}.proj_out", f"{dst}.to_out.0")
+    map_pair(out, f"{src}.proj_out", f"{dst}.to_out.0")
     conv_dims[f"{src}.qkv.weight"] = 1
     conv_dims[f"{src}.proj_out.weight"] = 1
 
@@ -338,10 +319,10 @@ def _sampler_kind(cfg: Mapping[str, Any], block_type: str, direction: str) -> st
     return "conv"
 
 
-def _unet_map(config: Mapping[str, Any] | Any) -> tuple[KeyMap, dict[str, int]]:
+def unet_key_map(config: Mapping[str, Any] | Any) -> tuple[KeyMap, dict[str, int]]:
     """(CompVis key -> diffusers key(s), CompVis key -> extra trailing 1x1 dims) for the UNet of ``config``."""
     kind = unet_class_name(config)
-    cfg = _cfg(config.config if isinstance(config, nn.Module) else config)
+    cfg = plain_config(config.config if isinstance(config, nn.Module) else config)
     _check_required(cfg, _CROSS_ATTN_REQUIRED if kind == "UNet2DConditionModel" else _UNET2D_REQUIRED, kind)
     channels = list(cfg["block_out_channels"])
     levels = len(channels)
@@ -377,7 +358,7 @@ def _unet_map(config: Mapping[str, Any] | Any) -> tuple[KeyMap, dict[str, int]]:
 
     for a, b in (("time_embed.0", "time_embedding.linear_1"), ("time_embed.2", "time_embedding.linear_2"),
                  ("input_blocks.0.0", "conv_in"), ("out.0", "conv_norm_out"), ("out.2", "conv_out")):
-        _pair(out, a, b)
+        map_pair(out, a, b)
     if cfg.get("num_class_embeds"):
         out["label_emb.weight"] = "class_embedding.weight"
 
@@ -397,7 +378,7 @@ def _unet_map(config: Mapping[str, Any] | Any) -> tuple[KeyMap, dict[str, int]]:
             if updown:  # a ResBlock with down=True (avg-pool inside), channels unchanged
                 _resnet(out, f"input_blocks.{n}.0", f"down_blocks.{i}.downsamplers.0", shortcut=False)
             else:
-                _pair(out, f"input_blocks.{n}.0.op", f"down_blocks.{i}.downsamplers.0.conv")
+                map_pair(out, f"input_blocks.{n}.0.op", f"down_blocks.{i}.downsamplers.0.conv")
             skip_channels.append(ch)
             n += 1
 
@@ -420,7 +401,7 @@ def _unet_map(config: Mapping[str, Any] | Any) -> tuple[KeyMap, dict[str, int]]:
                 if updown:
                     _resnet(out, f"output_blocks.{n}.{sub}", f"up_blocks.{u}.upsamplers.0", shortcut=False)
                 else:
-                    _pair(out, f"output_blocks.{n}.{sub}.conv", f"up_blocks.{u}.upsamplers.0.conv")
+                    map_pair(out, f"output_blocks.{n}.{sub}.conv", f"up_blocks.{u}.upsamplers.0.conv")
             ch = c
             n += 1
     return out, conv_dims
@@ -437,7 +418,7 @@ def compvis_to_diffusers_unet_keys(config: Mapping[str, Any] | Any) -> KeyMap:
     Raises:
         ValueError: the config uses a diffusers feature without a CompVis counterpart.
     """
-    return _unet_map(config)[0]
+    return unet_key_map(config)[0]
 
 
 def diffusers_to_compvis_unet_keys(config: Mapping[str, Any] | Any) -> dict[str, str]:
@@ -481,7 +462,7 @@ def convert_unet_state_dict(sd: Mapping[str, Tensor], unet: nn.Module, source: s
 def unet_state_dict_to_compvis(unet: nn.Module, prefix: str = "", qkv_order: str = "legacy") -> dict[str, Tensor]:
     """The tensors of a diffusers UNet under CompVis names (legacy ``qkv`` merged, attention projections as 1x1
     ``Conv1d`` weights); the inverse of :func:`convert_unet_state_dict`."""
-    mapping, conv_dims = _unet_map(unet)
+    mapping, conv_dims = unet_key_map(unet)
     return remap_to_compvis(unet, mapping, conv_dims, prefix=prefix, qkv_order=qkv_order)
 
 
@@ -574,7 +555,7 @@ def compvis_unet_config(params: Mapping[str, Any], per_block_heads: bool = False
                 "diffusers' UNet2DModel has one attention_head_dim for every attention block, so a stock "
                 "UNet2DModel config cannot express it. Convert with per_block_heads (--per-block-heads): the head "
                 f"counts are stored in unet/config.json ({HEADS_KEY}) and loaders must apply them with "
-                "train.convert_compvis_unet.apply_attention_heads")
+                "train.tools.convert_compvis_unet.apply_attention_heads")
         cfg["attn_norm_num_groups"] = 32  # keep the middle AttentionBlock's GroupNorm with scale_shift too
         if updown:
             cfg["downsample_type"] = cfg["upsample_type"] = "resnet"

@@ -3,8 +3,8 @@
 Two layers, so the math is testable without the Inception weights:
 
 1. Pure functions on features and logits: :func:`frechet_distance_from_statistics` (FID/sFID from Gaussian
-   statistics, sharing ``train.metrics``' symmetric square root), :func:`inception_score` (Salimans et al., 2016) and
-   :func:`precision_recall` (Kynkäänniemi et al., 2019).
+   statistics, sharing ``train.eval.metrics``' symmetric square root), :func:`inception_score` (Salimans et al.,
+   2016) and :func:`precision_recall` (Kynkäänniemi et al., 2019).
 2. :class:`InceptionFeatures`, a wrapper around an already built torch-fidelity ``FeatureExtractorInceptionV3``
    (the TF-compatible FID Inception that torchmetrics also uses), which turns diffusion-range images into the three
    feature sets the metrics need; :func:`load_inception` builds it from a local weights file, validated without
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from train.metrics import frechet_distance_from_statistics, mean_and_cov
+from train.eval.metrics import frechet_distance_from_statistics, mean_and_cov
 
 __all__ = [
     "InceptionFeatures",

@@ -25,10 +25,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 import qat
-from train.metrics import digits_fd_and_accuracy, extract_features, psnr, ssim
-from train.pipeline import QATDiffusionPipeline, sample_seeds
-from train.teacher import Teacher
-from train.trajectories import _trajectories, guided_eps
+from train.data.trajectories import guided_eps, trajectory_steps
+from train.eval.metrics import digits_fd_and_accuracy, extract_features, psnr, ssim
+from train.models.pipeline import QATDiffusionPipeline, sample_seeds
+from train.models.teacher import Teacher
 
 __all__ = ["HeldOut", "heldout_eps_mse", "x0_error_weight", "SampleSet", "generate", "shard_indices",
            "gather_samples", "fidelity", "merge_samples", "DistributionScorer", "Evaluator"]
@@ -40,7 +40,7 @@ class HeldOut:
     def __init__(self, teacher: Teacher, num_trajectories: int, num_steps: int, eta: float, guidance: float,
                  seed: int, device: torch.device | str) -> None:
         self.teacher, self.guidance, self.num_steps, self.seed = teacher, guidance, num_steps, seed
-        self.data = _trajectories(teacher, list(range(num_trajectories)), num_steps, eta, guidance, seed, device)
+        self.data = trajectory_steps(teacher, list(range(num_trajectories)), num_steps, eta, guidance, seed, device)
         self.num_trajectories = num_trajectories
         #: sampler timestep of each step, in sampler order (high noise first)
         self.timesteps = [int(t) for t in teacher.ddim(num_steps).timesteps]
@@ -77,7 +77,7 @@ def heldout_eps_mse(model: nn.Module, held: HeldOut, batch_size: int = 256) -> d
             target = eu + held.guidance * (target - eu)
         per_sample[sl] = (eps.float() - target).pow(2).flatten(1).mean(1).cpu()
     x0 = per_sample.double() * x0_error_weight(held.teacher.scheduler, d["t"].cpu())
-    # _trajectories lays samples out step-major: (step, trajectory)
+    # trajectory_steps lays samples out step-major: (step, trajectory)
     by_step = per_sample.reshape(held.num_steps, held.num_trajectories).mean(1)
     x0_by_step = x0.reshape(held.num_steps, held.num_trajectories).mean(1)
     return {"eps_mse": float(per_sample.mean()), "x0_mse": float(x0.mean()),
@@ -90,7 +90,7 @@ def x0_error_weight(scheduler: Any, t: Tensor) -> Tensor:
     ``epsilon``: ``(1 - abar) / abar``; ``v_prediction`` (``x0 = sqrt(abar) x - sqrt(1 - abar) v``): ``1 - abar``;
     ``sample``: 1; flow matching (``x0 = x - sigma v``, ``t = sigma * num_train_timesteps``): ``sigma^2``.
     """
-    from train.teacher import is_flow_scheduler
+    from train.models.teacher import is_flow_scheduler
 
     if is_flow_scheduler(scheduler):
         return (t.double() / float(scheduler.config.num_train_timesteps)) ** 2
@@ -106,7 +106,7 @@ def x0_error_weight(scheduler: Any, t: Tensor) -> Tensor:
 @dataclass
 class SampleSet:
     """Generated samples: ``images`` float ``(N, C, H, W)`` in ``[-1, 1]`` (unclamped; video latents with their
-    frames side by side, :meth:`train.teacher.Teacher.as_images`), ``labels`` and sample
+    frames side by side, :meth:`train.models.teacher.Teacher.as_images`), ``labels`` and sample
     ``indices`` ``(N,)``, all on the CPU and sorted by index."""
 
     images: Tensor
@@ -128,7 +128,7 @@ def generate(model: nn.Module, teacher: Teacher, indices: list[int], *, schedule
              balanced: bool = True) -> SampleSet:
     """Samples ``indices`` with ``model`` in the teacher's diffusers pipeline (:class:`QATDiffusionPipeline`).
 
-    Labels and noise of sample ``i`` come from :func:`train.pipeline.sample_seeds` (seed ``seed + i``), so every
+    Labels and noise of sample ``i`` come from :func:`train.models.pipeline.sample_seeds` (seed ``seed + i``), so every
     model sees the same noise and label for the same index, whatever the batching.
     """
     pipe = QATDiffusionPipeline.from_teacher(teacher, unet=model, scheduler=scheduler)
@@ -188,7 +188,7 @@ class DistributionScorer:
 
     Args:
         kind: ``digits`` (FD-digits + class accuracy with the shipped digits classifier), ``inception`` (FID,
-            sFID, IS, precision/recall, see :mod:`train.fidelity`) or ``none``.
+            sFID, IS, precision/recall, see :mod:`train.eval.fidelity`) or ``none``.
         classifier_path: digits classifier directory (``digits``).
         inception_path: local Inception-V3 weights (``inception``).
         reference_path: real images, ADM-layout ``.npz`` (``inception``; for ``digits`` the embedded real digits
@@ -203,16 +203,15 @@ class DistributionScorer:
                  class_conditional: bool = True, device: torch.device | str = "cpu") -> None:
         self.kind, self.class_conditional = kind, class_conditional
         if kind == "digits":
-            from train.digits_classifier import load_digits_classifier
-            from train.digits_teacher import load_digits_tensor
-            from train.pipeline import load_adm_npz
+            from train.eval.digits import load_digits_classifier, load_digits_tensor
+            from train.models.pipeline import load_adm_npz
 
             self.classifier = load_digits_classifier(classifier_path) if classifier_path else \
                 load_digits_classifier()
             real = load_adm_npz(reference_path)[0] if reference_path else load_digits_tensor(16)[0]
             self.reference_features, _ = extract_features(self.classifier, real)
         elif kind == "inception":
-            from train.fidelity import load_inception, reference_statistics
+            from train.eval.fidelity import load_inception, reference_statistics
 
             self.features = load_inception(inception_path, device=device)
             # featurised once per run (and cached on disk across runs, keyed by file contents and weights)
@@ -228,7 +227,7 @@ class DistributionScorer:
                 out.pop("class_acc")
             return out
         if self.kind == "inception":
-            from train.fidelity import distribution_metrics
+            from train.eval.fidelity import distribution_metrics
 
             return distribution_metrics(images, self.reference, self.features)
         return {}

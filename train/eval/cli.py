@@ -55,10 +55,10 @@ def _init_distributed() -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> Path:
     """Evaluates ``argv[0]``; returns the directory holding ``report.json``."""
-    from train.cli import _restore_student, build_student, calibrate_student
-    from train.evaluate import Evaluator
-    from train.report import write_run_report
-    from train.teacher import load_teacher
+    from train.cli import build_student, calibrate_student, restore_student
+    from train.eval.evaluate import Evaluator
+    from train.eval.report import write_run_report
+    from train.models.teacher import load_teacher
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or "=" in argv[0]:
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> Path:
     teacher = load_teacher(cfg.teacher, device)
     if kind == "export":
         from qat.export import load_quantized
-        from train.families import set_family
+        from train.models.families import set_family
 
         student = load_quantized(weights / "unet", device=device)
         set_family(student, teacher.family)  # a teacher.family override also applies to the reloaded export
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> Path:
         student, _ = build_student(cfg, teacher)
         student.to(device)
         if kind == "checkpoint":
-            _restore_student(student, str(weights))
+            restore_student(student, str(weights))
         else:
             state = load_file(str(weights))
             missing, unexpected = student.load_state_dict(state, strict=False)

@@ -3,8 +3,8 @@
 Pixel metrics (``psnr``, ``ssim``) compare a student sample with the teacher sample drawn from the same noise and
 label, so they measure how far quantization moves each trajectory. Distribution metrics compare sets:
 ``frechet_distance`` is the FID formula on any features, and ``digits_fd_and_accuracy`` applies it to the
-penultimate features of ``train.digits_classifier`` ("FD-digits"), since Inception weights are unavailable offline
-and meaningless for 16x16 one-channel digits.
+penultimate features of ``train.eval.digits.DigitsClassifier`` ("FD-digits"), since Inception weights are unavailable
+offline and meaningless for 16x16 one-channel digits.
 
 All image inputs default to the diffusion range ``[-1, 1]``, i.e. ``data_range = 2``.
 """
@@ -206,11 +206,11 @@ def digits_fd_and_accuracy(
     features, and ``class_acc`` = fraction of samples the classifier assigns to the label they were generated for.
 
     Args:
-        classifier: The digits classifier (``train.digits_classifier.load_digits_classifier()``).
+        classifier: The digits classifier (``train.tools.digits_classifier.load_digits_classifier()``).
         samples: Generated images of shape ``(N, 1, 16, 16)`` in ``[-1, 1]`` (clamp sampler output first).
         labels: Conditioning labels of the samples, shape ``(N,)``.
         reference_images: Real digits of shape ``(M, 1, 16, 16)`` in ``[-1, 1]``, e.g.
-            ``train.digits_teacher.load_digits_tensor(16)[0]``; or their precomputed features ``(M, F)`` from
+            ``train.tools.digits_teacher.load_digits_tensor(16)[0]``; or their precomputed features ``(M, F)`` from
             :func:`extract_features`, so that an evaluation loop featurises the fixed real set only once.
         batch_size: Images per classifier forward pass.
 

@@ -1,0 +1,1 @@
+"""Evaluation: fidelity and distribution metrics, the run report and the evaluation command."""
