@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import qat  # noqa: E402
 from bench.make_random_ldm4 import ldm4_unet  # noqa: E402
 from bench.qat_step_speed import set_flags  # noqa: E402
-from qat.methods.efficientdm import EfficientDMConfig, build_student  # noqa: E402
+from qat.methods.efficientdm import EfficientDM, EfficientDMConfig  # noqa: E402
 from train.models.families import compile_repeated_blocks  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def main() -> None:
 
             teacher = UNet2DConditionModel.from_config({**teacher.config, "block_out_channels": (32, 64, 96, 160),
                                                         "sample_size": 16})
-    student, _ = build_student(teacher, EfficientDMConfig(act_init="minmax"))
+    student, _ = EfficientDM(EfficientDMConfig(act_init="minmax")).build_student(teacher, "unet")
     student.to(device)
     grid = torch.linspace(1, 991, 100, device=device).round()
     qat.set_timestep_grid(student, grid)

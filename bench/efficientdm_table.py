@@ -26,7 +26,7 @@ BITS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4), "w2a8": (2, 8)}
 #: per-bit-width recipe changes. W2A8: with the recipe's LoRA factor 0.1 the 2-bit student collapsed (FD-digits 88
 #: vs 13 for PTQ, H200 run in docs/results.md); a 5x smaller factor trains it. Each integer step of a 2-bit weight
 #: is a quarter of its range, so the same integer-unit update (scale-aware LR) is a much larger relative change.
-BIT_OVERRIDES = {"w2a8": ["optim.lora_lr=0.02"]}
+BIT_OVERRIDES = {"w2a8": ["efficientdm.lora_lr=0.02"]}
 COLUMNS = [("fd", "FD-digits \u2193", ".3f"), ("class_acc", "class acc \u2191", ".3f"),
            ("psnr_vs_fp", "PSNR vs FP (dB) \u2191", ".2f"), ("ssim_vs_fp", "SSIM vs FP \u2191", ".3f"),
            ("eps_mse", "eps-MSE vs FP \u2193", ".4f"), ("x0_mse", "x0-MSE vs FP \u2193", ".5f")]

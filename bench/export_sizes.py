@@ -27,7 +27,7 @@ if str(REPO) not in sys.path:  # runnable from a clone without installing the pa
 
 import qat  # noqa: E402
 from qat.export import export_quantized, export_sizes, load_quantized  # noqa: E402
-from qat.methods.efficientdm import EfficientDMConfig, build_student  # noqa: E402
+from qat.methods.efficientdm import EfficientDM, EfficientDMConfig  # noqa: E402
 from qat.nn.qalora import qalora_layers  # noqa: E402
 
 
@@ -53,7 +53,7 @@ def main() -> None:
     unet.eval()
     cfg = EfficientDMConfig(weight_bits=args.bits, act_bits=args.act_bits, num_timesteps=args.timesteps,
                             lora_rank=4, act_init="minmax")
-    student, report = build_student(unet, cfg)
+    student, report = EfficientDM(cfg).build_student(unet, "unet")
     grid = torch.linspace(1, 999, args.timesteps).round()
     qat.set_timestep_grid(student, grid)
     c = unet.config

@@ -1,4 +1,4 @@
-"""One fake quantizer, eager against compiled kernels (``qat.ste.use_compiled_kernels``), forward and backward.
+"""One fake quantizer, eager against compiled kernels (``compiled=True``), forward and backward.
 
     python bench/fake_quant_kernels.py                    # CUDA if present, else CPU
     python bench/fake_quant_kernels.py --device cpu --dtype float32
@@ -43,12 +43,12 @@ NEEDS = (True, True, False, False)  # dL/dx and dL/ds, as an activation quantize
 
 
 def one_path(x: torch.Tensor, g: torch.Tensor, step: torch.Tensor, zero: torch.Tensor, steps: int,
-             cuda: bool) -> tuple[float, float, torch.Tensor, torch.Tensor]:
-    """Forward ms, backward ms, forward output and step gradient with the current kernel setting."""
-    fwd = timed(lambda: ste.fake_quantize_forward(x, step, zero, 0, 15), steps, cuda)
-    bwd = timed(lambda: ste.fake_quantize_backward(g, x, step, zero, None, 0, 15, NEEDS), steps, cuda)
-    out = ste.fake_quantize_forward(x, step, zero, 0, 15)
-    return fwd, bwd, out, ste.fake_quantize_backward(g, x, step, zero, None, 0, 15, NEEDS)[1]
+             cuda: bool, compiled: bool) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+    """Forward ms, backward ms, forward output and step gradient, eager or with compiled kernels."""
+    fwd = timed(lambda: ste.fake_quantize_forward(x, step, zero, 0, 15, compiled), steps, cuda)
+    bwd = timed(lambda: ste.fake_quantize_backward(g, x, step, zero, None, 0, 15, NEEDS, compiled), steps, cuda)
+    out = ste.fake_quantize_forward(x, step, zero, 0, 15, compiled)
+    return fwd, bwd, out, ste.fake_quantize_backward(g, x, step, zero, None, 0, 15, NEEDS, compiled)[1]
 
 
 def main() -> None:
@@ -73,9 +73,7 @@ def main() -> None:
         g = torch.randn(shape, device=device, dtype=dtype)
         results = {}
         for compiled in (False, True):
-            ste.use_compiled_kernels(compiled)
-            results[compiled] = one_path(x, g, step, zero, args.steps, cuda)
-        ste.use_compiled_kernels(False)
+            results[compiled] = one_path(x, g, step, zero, args.steps, cuda, compiled)
         (fe, be, oe, se), (fc, bc, oc, sc) = results[False], results[True]
         fdiff = (oe.float() - oc.float()).abs().max().item()
         sdiff = ((se - sc).abs() / se.abs().clamp_min(1e-12)).max().item()

@@ -13,8 +13,8 @@ two things are timed (``--warmup`` untimed + ``--steps`` timed iterations, synch
   CFG scale. samples/s = ``B`` training samples ``(x_t, t, c, eps)`` produced per second.
 * QAT step: the same trajectory step (the teacher targets) plus the EfficientDM student (W4A4 QALoRA rank 32 +
   temporal LSQ activations, W8A8 special layers, fp32 master weights) forward on ``2 B`` inputs under bf16 autocast,
-  the CFG-output MSE of :class:`train.system.DistillQATSystem` (``loss_target: cfg``), backward and an AdamW step
-  over :func:`qat.param_groups`. samples/s = ``B`` per step.
+  the CFG-output MSE of :class:`train.system.DistillQATSystem` (``losses.output_mse.target: cfg``), backward and an
+  AdamW step over :func:`qat.param_groups`. samples/s = ``B`` per step.
 
 Peak memory is ``torch.cuda.max_memory_allocated`` of each phase. Text conditions are random states of the real
 length and width (the text encoder is not part of the step). ``--grad-ckpt auto`` checkpoints the student's blocks
@@ -45,7 +45,7 @@ if str(REPO) not in sys.path:
 import diffusers  # noqa: E402
 
 import qat  # noqa: E402
-from qat.methods.efficientdm import EfficientDMConfig, build_student  # noqa: E402
+from qat.methods.efficientdm import EfficientDM, EfficientDMConfig  # noqa: E402
 from train.data.trajectories import OnlineTrajectories  # noqa: E402
 from train.models.families import denoise, set_family  # noqa: E402
 from train.models.teacher import Teacher  # noqa: E402
@@ -200,7 +200,7 @@ def measure(spec: Spec, tiny: bool, batch: int, warmup: int, steps: int, grad_ck
 
     cfg = EfficientDMConfig(family=spec.family, num_timesteps=num_steps, lora_rank=32, act_init="minmax",
                             weight_init="minmax")
-    student, _ = build_student(teacher.unet, cfg)
+    student, _ = EfficientDM(cfg).build_student(teacher.unet, teacher.family)
     student.float()
     qat.set_timestep_grid(student, teacher.ddim(num_steps).timesteps)
     # Quantizer ranges from one sample (and one latent frame of a video): qat.calibrate draws a CPU permutation over
@@ -234,8 +234,8 @@ def measure(spec: Spec, tiny: bool, batch: int, warmup: int, steps: int, grad_ck
             with autocast:
                 out = denoise(student, torch.cat([b.x, b.x]), tt, ctx)
             eps_u, eps_c = out.float().chunk(2)
-            pred = eps_u + spec.guidance * (eps_c - eps_u)
-            target = b.eps_uncond + spec.guidance * (b.eps_cond - b.eps_uncond)
+            pred = qat.cfg_combine(eps_u, eps_c, spec.guidance)
+            target = qat.cfg_combine(b.eps_uncond, b.eps_cond, spec.guidance)
             loss = (pred - target).pow(2).mean()
             loss.backward()
         finally:

@@ -1,4 +1,4 @@
-"""One compiled block's training forward and backward, FP LoRA next to W4A4, on one GPU (issue 8, target 1).
+"""One compiled block's training forward and backward, FP LoRA next to W4A4, on one GPU.
 
     python bench/qat_block_speed.py                                   # LDM-4 layout, batch 32, bf16, CUDA graphs
     python bench/qat_block_speed.py --blocks up_blocks.3.resnets.1 --top 12     # + the 12 longest kernels of each
@@ -196,8 +196,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", default=[], metavar="SCOPE.NAME=VALUE",
                    help="a torch._inductor / torch._functorch config value for every row (repeatable)")
     p.add_argument("--inductor-layout", action="store_true",
-                   help="leave each compiled region's memory layout to inductor's own heuristic (before the tenth "
-                   "session); default: decided by the region's convolutions, as the trainer "
+                   help="leave each compiled region's memory layout to inductor's own heuristic; default: decided "
+                   "by the region's convolutions, as the trainer "
                    "(train.models.families.prefers_channels_last)")
     p.add_argument("--top", type=int, default=0, help="print the N kernels with the most device time per row")
     p.add_argument("--kinds", action="store_true", help="print the GPU time by kernel kind per row")

@@ -1,4 +1,4 @@
-"""The QAT training step and trajectory generation next to the FP LoRA reference, on one GPU (issue 8).
+"""The QAT training step and trajectory generation next to the FP LoRA reference, on one GPU.
 
     python bench/qat_step_speed.py                        # LDM-4 layout (400.9M parameters), batch 32, bf16
     python bench/qat_step_speed.py --modes blocks --rows fp,fused   # regional compilation (compile_blocks)
@@ -15,7 +15,7 @@ during its warm-up; its compile time is printed apart), with the peak memory all
 * ``FP LoRA step``: the EfficientDM student with every quantizer off: each adapted layer computes
   ``f(x, W + B A)`` (rank-32 adapters merged into the weight on every step), AdamW over the adapters.
 * ``W4A4 step, composite STE``: EfficientDM W4A4 (QALoRA + temporal LSQ activations, W8A8 first/last/time
-  layers) with the fake quantizers written as composite ``round_ste`` ops (``FakeQuantizer.fused = False``), the
+  layers) with the fake quantizers written as composite ``round_ste`` ops (``qat.set_fast_path(fused=False)``), the
   reference path.
 * ``W4A4 step, fused STE``: the same model through :func:`qat.ste.fake_quantize_ste` (one autograd node per
   quantizer that keeps only its input), this project's default. In ``--modes blocks`` its quantizers outside the
@@ -23,7 +23,7 @@ during its warm-up; its compile time is printed apart), with the peak memory all
   as the trainer does with ``performance.compile_blocks`` (``--stem-kernels on|off`` in any mode), and each
   block's memory layout is decided by its convolutions (``train.models.families.prefers_channels_last``;
   ``--inductor-layout``: by inductor's own heuristic, as before).
-* ``W4A4 step, fused STE, compiled kernels``: the same with :func:`qat.ste.use_compiled_kernels` (the quantizer
+* ``W4A4 step, fused STE, compiled kernels``: the same with ``qat.set_fast_path(compiled_kernels=True)`` (the quantizer
   math compiled into one kernel per quantizer and pass; the model eager; only with ``--modes`` containing eager).
 * ``... mixed timesteps``: every sample of the batch at its own timestep (per-sample temporal steps).
 * ``trajectory generation``: :func:`train.data.trajectories.trajectory_steps` (DDIM, eta 1, CFG 1.5: ``B / 2``
@@ -44,7 +44,7 @@ trainer); with CUDA graphs every step begins with ``torch.compiler.cudagraph_mar
 All steps use bf16 autocast, a fused AdamW on CUDA (parameter groups by role, as the trainer's, with one LoRA
 learning rate) and the same inputs; the FP and W4A4 steps share one student
 (flags switched between rows) and each row builds its own optimizer. Ratios at the end: QAT / FP LoRA throughput
-(issue 8 target >= 0.95) and peak memory (<= 1.15; the reserved peak for CUDA graphs) with the same compile
+(target >= 0.95) and peak memory (<= 1.15; the reserved peak for CUDA graphs) with the same compile
 setting, mixed / single timestep cost (<= 1.03), generation / compiled forward throughput (>= 0.9).
 """
 
@@ -68,8 +68,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import qat  # noqa: E402
 from bench.make_random_ldm4 import ldm4_unet  # noqa: E402
-from qat.methods.efficientdm import EfficientDMConfig, build_student  # noqa: E402
-from qat.quantizers import FakeQuantizer  # noqa: E402
+from qat.methods.efficientdm import EfficientDM, EfficientDMConfig  # noqa: E402
+from qat.quantizers import Quantizer  # noqa: E402
 from train.config import CUDA_GRAPH_MODES  # noqa: E402
 from train.models.families import compile_repeated_blocks  # noqa: E402
 
@@ -141,9 +141,9 @@ class Timer:
 
 def set_flags(student: torch.nn.Module, quantized: bool, fused: bool) -> None:
     for m in student.modules():
-        if isinstance(m, FakeQuantizer):
+        if isinstance(m, Quantizer):
             m.enabled = quantized
-    FakeQuantizer.fused = fused
+    qat.set_fast_path(student, fused=fused)
 
 
 def print_saved_bytes(student: torch.nn.Module, call: Callable, t: torch.Tensor, b: int, size: int,
@@ -243,7 +243,7 @@ def build_models(device: torch.device, tiny: bool) -> tuple[torch.nn.Module, tor
     with torch.device(device):
         teacher = tiny_unet() if tiny else ldm4_unet()
     teacher.requires_grad_(False).eval()
-    student, _ = build_student(teacher, EfficientDMConfig(act_init="minmax"))
+    student, _ = EfficientDM(EfficientDMConfig(act_init="minmax")).build_student(teacher, "unet")
     return teacher, student.to(device)
 
 
@@ -273,13 +273,13 @@ def main() -> None:
                         help="after the rows, time the FP LoRA and W4A4 steps in turns this many times each (median "
                              "of --steps per turn); their ratio then uses the medians of the turns")
     parser.add_argument("--inductor-layout", action="store_true",
-                        help="leave each compiled region's memory layout to inductor's own heuristic (before the "
-                        "tenth session); default: decided by the region's convolutions, as the trainer "
+                        help="leave each compiled region's memory layout to inductor's own heuristic; default: "
+                        "decided by the region's convolutions, as the trainer "
                         "(train.models.families.prefers_channels_last)")
     parser.add_argument("--stem-kernels", choices=("auto", "on", "off"), default="auto",
                         help="blocks mode: the W4A4 rows' quantizers outside the compiled blocks (conv_in, the time "
-                        "embedding, conv_out) through qat.ste.use_compiled_kernels (on) or eager (off, as before the "
-                        "tenth session); auto: as the trainer's unset performance.compile_kernels, on with a "
+                        "embedding, conv_out) through compiled kernels (qat.set_fast_path(compiled_kernels=True); "
+                        "on) or eager (off); auto: as the trainer's unset performance.compile_kernels, on with a "
                         "CUDA-graph --compile-mode")
     parser.add_argument("--budget-s", type=float, default=1e9, help="skip the remaining rows after this long")
     parser.add_argument("--profile", action="store_true",
@@ -399,7 +399,7 @@ def main() -> None:
 
         def make() -> Callable[[], None]:
             set_flags(student, quantized, fused)
-            qat.ste.use_compiled_kernels(kernels)
+            qat.set_fast_path(student, compiled_kernels=kernels)
             model = student
             if mode == "compiled":
                 model = compiled_students.setdefault((quantized, fused),
@@ -425,7 +425,7 @@ def main() -> None:
 
             def activate() -> None:  # this row's flags again (--alternate switches between rows)
                 set_flags(student, quantized, fused)
-                qat.ste.use_compiled_kernels(kernels)
+                qat.set_fast_path(student, compiled_kernels=kernels)
             fn.activate = activate
             return fn
         return make
@@ -533,7 +533,7 @@ def main() -> None:
             results[(row, mode)] = (statistics.median(ts), *results[(row, mode)][1:])
     set_flags(student, True, True)
 
-    print("\n| ratio | mode | value | issue 8 target |\n|---|---|---|---|")
+    print("\n| ratio | mode | value | target |\n|---|---|---|---|")
 
     def ratio(name: str, mode: str, num: tuple[str, str], den: tuple[str, str], idx: int, target: str) -> None:
         if num in results and den in results:

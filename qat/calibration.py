@@ -6,9 +6,10 @@ This is EfficientDM's "naive" PTQ (dossier Sec. 7.2), run as an explicit pass be
   ``init`` field (:func:`initialize_weight_quantizers`);
 * activations: the model runs on calibration batches with activation quantizers off (weights quantized); a forward
   pre-hook on each quantized layer keeps the exact per-row min and max plus a bounded random subsample of its
-  inputs, and each activation quantizer is then initialised by its config's method (EfficientDM: per-tensor
+  inputs, and each affine activation quantizer is then initialised by its config's method (EfficientDM: per-tensor
   ``mse`` over 80 clipping ratios, ``p = 2.4``). With ``per_timestep=True`` temporal quantizers also get one
-  initialisation per timestep row seen during calibration (rows never seen keep the all-timestep value).
+  initialisation per timestep row seen during calibration (rows never seen keep the all-timestep value). Other
+  quantizers (binary, a method's own) are initialised by their ``initialize_`` from the first input they see.
 
 Deviation from the reference code: activations are calibrated on full-precision inputs in one pass (the reference
 quantizes all layers during its single calibration forward, so later layers see perturbed inputs).
@@ -27,7 +28,9 @@ from torch import Tensor, nn
 
 from qat.nn.attention import QuantAttnProcessor
 from qat.prepare import quant_layers
-from qat.quantizers import FakeQuantizer, TemporalLSQQuantizer
+from qat.quantizers.affine import AffineQuantizer
+from qat.quantizers.base import Quantizer
+from qat.quantizers.temporal_lsq import TemporalLSQQuantizer
 
 __all__ = ["initialize_weight_quantizers", "calibrate", "is_initialized"]
 
@@ -91,16 +94,30 @@ class _Collector:
 
 def _timestep_rows(q: TemporalLSQQuantizer, x: Tensor) -> dict[int, Tensor]:
     """Splits ``x`` by the table row each sample uses (the nearest row for interpolated timesteps)."""
-    lo = q._lo
-    if lo is None:
+    try:
+        lo = q.nearest_rows()
+    except RuntimeError:
         raise RuntimeError("per-timestep calibration needs a timestep set on the model during each calibration "
-                           "forward (use `with qat.timestep(model, t):` in forward_fn)")
-    if q._w is not None:
-        lo = torch.where(q._w > 0.5, q._hi, lo)
+                           "forward (use `with qat.timestep(model, t):` in forward_fn)") from None
     if isinstance(lo, int) or lo.dim() == 0:
-        return {int(lo): q._rows(x)}
+        return {int(lo): q.rows(x)}
     idx = lo.repeat_interleave(x.shape[0] // lo.shape[0]) if lo.shape[0] != x.shape[0] else lo
-    return {int(u): q._rows(x[idx == u]) for u in idx.unique()}
+    return {int(u): q.rows(x[idx == u]) for u in idx.unique()}
+
+
+def _activation_quantizers(model: nn.Module, force: bool) -> dict[str, Quantizer]:
+    """Name -> every input-activation and attention-operand quantizer still to initialise (all with ``force``)."""
+    targets: dict[str, Quantizer] = {}
+    for name, layer in quant_layers(model).items():
+        if layer.act_quantizer is not None and (force or not bool(layer.act_quantizer.initialized)):
+            targets[f"{name}.act_quantizer"] = layer.act_quantizer
+    for name, module in model.named_modules():
+        if isinstance(module, QuantAttnProcessor):
+            for part in ("q", "k", "v", "probs"):
+                q = getattr(module, f"{part}_quantizer")
+                if force or not bool(q.initialized):
+                    targets[f"{name}.{part}_quantizer"] = q
+    return targets
 
 
 @torch.no_grad()
@@ -129,16 +146,7 @@ def calibrate(
         ``{"weights": n, "activations": m}``: how many quantizers were initialised.
     """
     n_weights = initialize_weight_quantizers(model, force=force)
-    targets: dict[str, FakeQuantizer] = {}
-    for name, layer in quant_layers(model).items():
-        if layer.act_quantizer is not None and (force or not bool(layer.act_quantizer.initialized)):
-            targets[f"{name}.act_quantizer"] = layer.act_quantizer
-    for name, module in model.named_modules():
-        if isinstance(module, QuantAttnProcessor):
-            for part in ("q", "k", "v", "probs"):
-                q = getattr(module, f"{part}_quantizer")
-                if force or not bool(q.initialized):
-                    targets[f"{name}.{part}_quantizer"] = q
+    targets = _activation_quantizers(model, force)
     if not targets:
         return {"weights": n_weights, "activations": 0}
 
@@ -147,9 +155,14 @@ def calibrate(
     per_t: dict[tuple[str, int], _Collector] = {}
     saved = {k: q.enabled for k, q in targets.items()}
 
-    def make_hook(key: str, q: FakeQuantizer) -> Callable[[nn.Module, tuple[Tensor, ...]], Tensor]:
+    first: dict[str, Tensor] = {}  # quantizers without per-row statistics initialise from their first input
+
+    def make_hook(key: str, q: Quantizer) -> Callable[[nn.Module, tuple[Tensor, ...]], Tensor]:
         def capture(x: Tensor) -> Tensor:
-            collectors[key].add(q._rows(x))
+            if not isinstance(q, AffineQuantizer):
+                first.setdefault(key, x.detach())
+                return x
+            collectors[key].add(q.rows(x))
             if per_timestep and isinstance(q, TemporalLSQQuantizer):
                 for row, data in _timestep_rows(q, x).items():
                     per_t.setdefault((key, row), _Collector(max_samples, gen)).add(data)
@@ -175,12 +188,15 @@ def calibrate(
             q.enabled = saved[key]
         model.train(was_training)
 
-    missing = [k for k, c in collectors.items() if not c.samples]
+    missing = [k for k, c in collectors.items() if not c.samples and k not in first]
     if missing:
         raise RuntimeError(f"calibration never reached {len(missing)} quantizers, e.g. {missing[:3]}; "
                            "check that forward_fn runs the whole model")
     for key, q in targets.items():
-        q.initialize_from_rows_(collectors[key].rows())
+        if key in first:
+            q.initialize_(first[key])
+        else:
+            q.initialize_from_rows_(collectors[key].rows())
     for (key, row), c in per_t.items():
         targets[key].initialize_from_rows_(c.rows(), index=row)
     return {"weights": n_weights, "activations": len(targets)}
@@ -188,4 +204,4 @@ def calibrate(
 
 def is_initialized(model: nn.Module) -> bool:
     """True when every quantizer of ``model`` is initialised."""
-    return all(bool(m.initialized) for m in model.modules() if isinstance(m, FakeQuantizer))
+    return all(bool(m.initialized) for m in model.modules() if isinstance(m, Quantizer))

@@ -29,12 +29,17 @@ import math
 import torch
 from torch import Tensor
 
-from qat.quantizers.base import qrange
-
-__all__ = ["SUPPORTED_BITS", "pack", "unpack", "packed_numel", "to_unsigned", "from_unsigned"]
+__all__ = ["SUPPORTED_BITS", "qrange", "pack", "unpack", "packed_numel", "to_unsigned", "from_unsigned"]
 
 #: bit-widths :func:`pack` / :func:`unpack` handle (quantizers use 2..8; 1-bit codes are packable too)
 SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
+
+
+def qrange(n_bits: int, signed: bool) -> tuple[int, int]:
+    """Integer range ``(q_min, q_max)`` of a ``n_bits`` code."""
+    if signed:
+        return -(2 ** (n_bits - 1)), 2 ** (n_bits - 1) - 1
+    return 0, 2**n_bits - 1
 
 
 def _check_bits(bits: int) -> None:

@@ -22,7 +22,7 @@ from torch import nn
 from qat.nn.attention import QuantAttnProcessor
 from qat.nn.layers import QuantConv2d, QuantLinear
 from qat.nn.qalora import add_qalora, merge_qalora, qalora_layers
-from qat.quantizers import FakeQuantizer, QuantizerConfig
+from qat.quantizers.base import Quantizer, QuantizerConfig
 
 __all__ = ["LayerRule", "QuantSpec", "PrepareReport", "prepare", "convert", "quant_layers", "match", "summary"]
 
@@ -230,10 +230,11 @@ def summary(model: nn.Module) -> str:
     lines = [f"{'module':<60} {'W':>3} {'A':>3} {'w-gran':>8} {'LoRA':>5} {'init':>5}"]
     for name, layer in quant_layers(model).items():
         base = _base_name(name)
-        wq: FakeQuantizer | None = layer.weight_quantizer
-        aq: FakeQuantizer | None = layer.act_quantizer
+        wq: Quantizer | None = layer.weight_quantizer
+        aq: Quantizer | None = layer.act_quantizer
         ready = all(bool(q.initialized) for q in (wq, aq) if q is not None)
         r = lora[base].r.get("default", 0) if base in lora else 0
+        gran = getattr(wq.config, "granularity", "-") if wq else "-"
         lines.append(f"{base:<60} {wq.config.n_bits if wq else 'fp':>3} {aq.config.n_bits if aq else 'fp':>3} "
-                     f"{wq.config.granularity if wq else '-':>8} {r or '-':>5} {'yes' if ready else 'no':>5}")
+                     f"{gran:>8} {r or '-':>5} {'yes' if ready else 'no':>5}")
     return "\n".join(lines)

@@ -34,6 +34,21 @@ class Registry(Generic[T]):
 
         return decorator
 
+    def register_config(self, config_cls: type) -> Callable[[type], type]:
+        """Class decorator for a config dataclass's module: registers ``(config_cls, cls)`` under
+        ``config_cls.name`` (quantizers and loss terms: a config names what it configures)."""
+
+        def decorator(cls: type) -> type:
+            self.register(config_cls.name)((config_cls, cls))
+            return cls
+
+        return decorator
+
+    def unregister(self, name: str) -> T:
+        """Removes ``name`` and returns what was registered (a plugin's teardown, e.g. in tests)."""
+        self.get(name)  # an unknown name raises, listing the known ones
+        return self._items.pop(name)
+
     def get(self, name: str) -> T:
         """Returns the object registered as ``name``.
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["round_ste", "grad_scale", "sign_ste", "fake_quantize_ste", "fake_quantize_lowrank_ste",
-           "fake_quantize_forward", "fake_quantize_backward", "use_compiled_kernels"]
+           "fake_quantize_forward", "fake_quantize_backward"]
 
 
 def round_ste(x: Tensor) -> Tensor:
@@ -53,22 +53,22 @@ class _FakeQuantizeSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, step: Tensor, zero_point: Tensor, delta: Tensor | None,  # type: ignore[override]
-                q_min: int, q_max: int) -> Tensor:
+                q_min: int, q_max: int, compiled: bool) -> Tensor:
         ctx.save_for_backward(x, step, zero_point, delta)
-        ctx.q_min, ctx.q_max = q_min, q_max
-        return _kernel("value")(x, step, zero_point, delta, q_min, q_max).to(x.dtype)
+        ctx.q_min, ctx.q_max, ctx.compiled = q_min, q_max, compiled
+        return _kernel("value", compiled)(x, step, zero_point, delta, q_min, q_max).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, step, zero_point, delta = ctx.saved_tensors
         grads = fake_quantize_backward(grad_out, x, step, zero_point, delta, ctx.q_min, ctx.q_max,
-                                       ctx.needs_input_grad[:4])
-        return (*grads, None, None)
+                                       ctx.needs_input_grad[:4], compiled=ctx.compiled)
+        return (*grads, None, None, None)
 
 
 def _fq_backward(grad_out: Tensor, x: Tensor, step: Tensor, zero_point: Tensor, delta: Tensor | None, q_min: int,
                  q_max: int, needs: tuple[bool, ...]) -> tuple[Tensor | None, ...]:
-    """The math of :func:`fake_quantize_backward` (eager; compiled by :func:`use_compiled_kernels`)."""
+    """The math of :func:`fake_quantize_backward` (eager, or compiled by :func:`_kernel` with ``compiled``)."""
     if torch.compiler.is_compiling():
         # Traced, this backward's ``x / s`` is the forward's expression, and graph CSE merges the two; AOTAutograd's
         # partitioner then keeps ``x / s`` in float32 for backward, one per quantizer, where the quantizers that read
@@ -127,13 +127,15 @@ def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
 
 def fake_quantize_backward(grad_out: Tensor, x: Tensor, step: Tensor, zero_point: Tensor, delta: Tensor | None,
                            q_min: int, q_max: int, needs: tuple[bool, ...] = (True, True, True, True),
+                           compiled: bool = False,
                            ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of :func:`fake_quantize_ste` w.r.t. ``(x, step, zero_point, delta)`` from ``dL/dQ``.
 
     Recomputes the forward pieces from ``x`` (nothing but the input is kept between forward and backward). Also used
-    by the fused quantized layers (:mod:`qat.nn.fused`), which save ``x`` instead of ``Q(x)``.
+    by the fused quantized layers (:mod:`qat.nn.fused`), which save ``x`` instead of ``Q(x)``. ``compiled``: run the
+    math as one compiled kernel (see :func:`fake_quantize_ste`).
     """
-    return _kernel("backward")(grad_out, x, step, zero_point, delta, q_min, q_max, tuple(needs))
+    return _kernel("backward", compiled)(grad_out, x, step, zero_point, delta, q_min, q_max, tuple(needs))
 
 
 def _fq_parts(x: Tensor, step: Tensor, zero_point: Tensor, delta: Tensor | None, q_min: int,
@@ -165,13 +167,14 @@ def _fq_value(x: Tensor, step: Tensor, zero_point: Tensor, delta: Tensor | None,
     return (q - zr) * s
 
 
-def fake_quantize_forward(x: Tensor, step: Tensor, zero_point: Tensor, q_min: int, q_max: int) -> Tensor:
+def fake_quantize_forward(x: Tensor, step: Tensor, zero_point: Tensor, q_min: int, q_max: int,
+                          compiled: bool = False) -> Tensor:
     """Forward value of :func:`fake_quantize_ste` (no autograd node), in ``x.dtype``."""
-    return _kernel("value")(x, step, zero_point, None, q_min, q_max).to(x.dtype)
+    return _kernel("value", compiled)(x, step, zero_point, None, q_min, q_max).to(x.dtype)
 
 
 def fake_quantize_ste(x: Tensor, step: Tensor, zero_point: Tensor, q_min: int, q_max: int,
-                      delta: Tensor | None = None) -> Tensor:
+                      delta: Tensor | None = None, compiled: bool = False) -> Tensor:
     """Uniform fake quantization with LSQ / LSQ+ gradients as a single autograd node (the fast path).
 
     forward (computed in float32, returned in ``x.dtype``), with ``z = round(zero_point)``::
@@ -188,8 +191,13 @@ def fake_quantize_ste(x: Tensor, step: Tensor, zero_point: Tensor, q_min: int, q
 
     Args:
         x: any shape; ``step`` / ``zero_point`` (and ``delta``, same shape as ``x``) broadcast against it.
+        compiled: run the forward and backward math through ``torch.compile`` (one fused kernel each instead of
+            about ten and twenty elementwise ones; the model around it stays eager). Values are the eager ones
+            (forward bit-identical; the step gradient's sum may be reduced in another order: float32 rounding).
+            Needs what inductor needs: a C++ compiler on a CPU, Triton on a GPU; the first call per tensor rank,
+            dtype and bit width compiles (seconds).
     """
-    return _FakeQuantizeSTE.apply(x, step, zero_point, delta, q_min, q_max)
+    return _FakeQuantizeSTE.apply(x, step, zero_point, delta, q_min, q_max, compiled)
 
 
 class _FakeQuantizeLowRankSTE(torch.autograd.Function):
@@ -279,32 +287,14 @@ def fake_quantize_lowrank_ste(w: Tensor, delta: Tensor, lora_b: Tensor, lora_a: 
     return _FakeQuantizeLowRankSTE.apply(w, delta, lora_b, lora_a, step, zero_point, scaling, q_min, q_max)
 
 
-# -- compiled kernels --------------------------------------------------------------------------------------------
+# -- compiled kernels -----------------------------------------------------------------------------------------------
 # Eagerly, one fake quantizer is about ten elementwise kernels forward and twenty backward, each a full pass over
 # the tensor; compiled, each becomes one fused loop (a Triton kernel on a GPU, C++ on a CPU). Only these small
 # functions are compiled (with dynamic shapes: one compilation serves every layer of a rank and dtype), so the
-# model itself stays eager, hooks and all.
+# model itself stays eager, hooks and all. Whether a call uses them is the caller's choice (``compiled=``, set per
+# quantizer by ``qat.set_fast_path``); this dict only caches the compiled functions.
 _EAGER = {"value": _fq_value, "backward": _fq_backward}
 _COMPILED: dict[str, object] = {}
-_USE_COMPILED = False
-
-
-def use_compiled_kernels(enabled: bool = True) -> None:
-    """Runs the fake-quant forward and backward math (:func:`fake_quantize_ste`, :func:`fake_quantize_forward`,
-    :func:`fake_quantize_backward`, the fused layers of :mod:`qat.nn.fused`) through ``torch.compile``.
-
-    Process-wide. Values are the eager ones (forward bit-identical; the step-size gradient's sum may be reduced in
-    another order: float32 rounding, ``tests/qat/test_fast_path.py``). Needs what inductor needs: a C++ compiler on
-    a CPU, Triton on a GPU. The first call per tensor rank, dtype and bit width compiles (seconds); raises dynamo's
-    recompile limit so that these variants never fall back to eager.
-    """
-    global _USE_COMPILED
-    if enabled and not _COMPILED:
-        import torch._dynamo
-
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        _COMPILED.update({k: _with_plain_args(torch.compile(fn, dynamic=True)) for k, fn in _EAGER.items()})
-    _USE_COMPILED = enabled
 
 
 def _plain(a: object) -> object:
@@ -317,5 +307,13 @@ def _with_plain_args(fn):  # noqa: ANN001, ANN202
     return lambda *args: fn(*(_plain(a) for a in args))
 
 
-def _kernel(name: str):  # noqa: ANN202 - returns one of the two callables above
-    return _COMPILED[name] if _USE_COMPILED else _EAGER[name]
+def _kernel(name: str, compiled: bool = False):  # noqa: ANN202 - returns one of the two callables above
+    if not compiled:
+        return _EAGER[name]
+    if not _COMPILED:
+        import torch._dynamo
+
+        # every rank, dtype and bit width of the quantizers is a variant: none may fall back to eager
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        _COMPILED.update({k: _with_plain_args(torch.compile(fn, dynamic=True)) for k, fn in _EAGER.items()})
+    return _COMPILED[name]

@@ -9,7 +9,9 @@ import torch
 from torch import Tensor
 
 import qat
-from train.data.trajectories import sample, trajectory_start
+from qat.quantizers import AffineQuantizer
+from train.data.trajectories import trajectory_start
+from train.models.pipeline import QATDiffusionPipeline
 
 __all__ = ["SampleGrid", "QuantizerTelemetry", "Preemption", "make_grid"]
 
@@ -29,7 +31,8 @@ def make_grid(rows: list[Tensor]) -> Tensor:
 class SampleGrid(L.Callback):
     """Every ``every_n_steps`` (and at the end) logs a grid: teacher samples on top, student samples below.
 
-    Both sample from the same fixed noise and labels (DDIM, eta 0), so rows are directly comparable.
+    Both sample from the same fixed noise and labels (DDIM, eta 0, the pipeline's loop), so rows are directly
+    comparable.
     """
 
     def __init__(self, every_n_steps: int, labels: list[int], num_steps: int, guidance: float,
@@ -48,13 +51,18 @@ class SampleGrid(L.Callback):
         labels = torch.tensor(self.label_list, device=module.device) % max(teacher.num_classes, 1)
         noise = torch.cat([trajectory_start(teacher, i, self.seed)[1] for i in range(len(labels))]).to(module.device)
         if self._teacher_rows is None:
-            self._teacher_rows, _ = sample(teacher.unet, teacher, labels, noise, self.num_steps, self.guidance)
+            self._teacher_rows = self._sample(teacher.unet, teacher, labels, noise)
         was = module.student.training
         module.student.eval()
-        student_rows, _ = sample(module.student, teacher, labels, noise, self.num_steps, self.guidance)
+        student_rows = self._sample(module.student, teacher, labels, noise)
         module.student.train(was)
         grid = make_grid([teacher.as_images(self._teacher_rows), teacher.as_images(student_rows)])  # video: frames
         trainer.logger.experiment.add_image("samples/teacher_top_student_bottom", grid, trainer.global_step)
+
+    def _sample(self, model: torch.nn.Module, teacher: Any, labels: Tensor, noise: Tensor) -> Tensor:
+        pipe = QATDiffusionPipeline.from_teacher(teacher, unet=model, scheduler=teacher.ddim(self.num_steps))
+        cond, uncond = teacher.contexts(labels)
+        return pipe.denoise_loop(noise.float(), cond, uncond if cond is not None else None, self.guidance)
 
     def on_train_start(self, trainer: L.Trainer, module: Any) -> None:
         self.log_grid(trainer, module)  # the starting point (PTQ, or the resumed state)
@@ -68,7 +76,7 @@ class SampleGrid(L.Callback):
 
 
 class QuantizerTelemetry(L.Callback):
-    """Every ``every_n_steps``: step statistics per quantizer kind and the fraction of clipped inputs.
+    """Every ``every_n_steps``: step statistics of the affine quantizers and the fraction of clipped inputs.
 
     Logged: histograms of weight steps (per layer means) and activation steps (all table entries), the mean
     fraction of activations clipped by their quantizer (measured on that step's batch), and of weights.
@@ -87,12 +95,12 @@ class QuantizerTelemetry(L.Callback):
             return
         for layer in qat.quant_layers(module.student).values():
             q = layer.act_quantizer
-            if q is not None and q.enabled:
+            if isinstance(q, AffineQuantizer) and q.enabled:  # clipping is a property of affine grids
                 self._handles.append(q.register_forward_hook(self._record))
 
     def _record(self, q: Any, args: tuple[Tensor, ...], out: Tensor) -> None:
         with torch.no_grad():
-            xv, step, zero = q._grid(args[0].detach().float())
+            xv, step, zero = q.grid_params(args[0].detach().float())
             codes = xv / step + zero
             self._clipped.append(float(((codes < q.q_min - 0.5) | (codes > q.q_max + 0.5)).float().mean()))
 
@@ -107,13 +115,13 @@ class QuantizerTelemetry(L.Callback):
         step = trainer.global_step
         w_steps, a_steps, w_clip = [], [], []
         for layer in qat.quant_layers(module.student).values():
-            if layer.weight_quantizer is not None:
+            if isinstance(layer.weight_quantizer, AffineQuantizer):
                 wq = layer.weight_quantizer
                 w_steps.append(float(wq.step.abs().mean()))
-                xv, s, z = wq._grid(layer.weight.float())
+                xv, s, z = wq.grid_params(layer.weight.float())
                 raw = xv / s + z  # unclipped codes
                 w_clip.append(float(((raw < wq.q_min - 0.5) | (raw > wq.q_max + 0.5)).float().mean()))
-            if layer.act_quantizer is not None and hasattr(layer.act_quantizer, "step"):
+            if isinstance(layer.act_quantizer, AffineQuantizer):
                 a_steps.append(layer.act_quantizer.step.detach().flatten().cpu())
         if w_steps:
             exp.add_histogram("quant/weight_step_mean_per_layer", torch.tensor(w_steps), step)

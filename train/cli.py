@@ -10,7 +10,6 @@ group).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -29,25 +28,20 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 import qat
-from qat.methods import METHODS
-from qat.quantizers import FakeQuantizer
+from qat.losses import build_loss
+from qat.methods import Calibration, Method
 from train.callbacks import Preemption, QuantizerTelemetry, SampleGrid
-from train.config import CUDA_GRAPH_MODES, ConfigError, RunConfig, load_config, to_yaml
-from train.data.trajectories import (
-    CachedTrajectories,
-    OnlineTrajectories,
-    generate_cache,
-    guided_eps,
-    trajectory_steps,
-)
+from train.config import CUDA_GRAPH_MODES, ConfigError, RunConfig, build_method, load_config, to_yaml
+from train.data.trajectories import CachedTrajectories, OnlineTrajectories, generate_cache, trajectory_steps
 from train.eval.evaluate import Evaluator, SampleSet
 from train.eval.report import sanitize, write_run_report
 from train.launch import apply_launcher, trainer_kwargs
 from train.models.families import CUDA_GRAPHS_ATTR, compile_repeated_blocks
+from train.models.pipeline import guided_eps
 from train.models.teacher import Teacher, load_teacher
 from train.system import DistillQATSystem
 
-__all__ = ["main", "build_student", "calibrate_student", "save_student"]
+__all__ = ["main", "build_student", "calibrate_student", "restore_student", "save_student"]
 
 
 def _dist_env() -> tuple[int, int, int]:
@@ -64,24 +58,22 @@ def _device(cfg: RunConfig, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def build_student(cfg: RunConfig, teacher: Teacher) -> tuple[torch.nn.Module, str]:
-    """The method's student (quantizers not yet initialised) with the trajectory grid on its temporal tables.
-
-    ``efficientdm.family=auto`` takes the quantization rules of the teacher's family (:mod:`train.models.families`).
-    """
-    method_cfg = cfg.efficientdm
-    if method_cfg.family == "auto":
-        method_cfg = dataclasses.replace(method_cfg, family=teacher.family)
-    student, report = METHODS.get(cfg.method)(teacher.unet, method_cfg)
+def build_student(cfg: RunConfig, teacher: Teacher, method: Method | None = None) -> tuple[torch.nn.Module, str]:
+    """The method's student for ``teacher`` (quantizers not yet initialised), its per-timestep tables on the
+    trajectory grid; returns it and the method's report. ``method``: the run's method (default: a new one)."""
+    method = build_method(cfg) if method is None else method
+    student, report = method.build_student(teacher.unet, teacher.family)
     qat.set_timestep_grid(student, teacher.ddim(cfg.trajectories.num_steps).timesteps)
-    return student.float(), str(report)
+    return student.float(), report
 
 
-def calibrate_student(cfg: RunConfig, student: torch.nn.Module, teacher: Teacher, device: torch.device) -> None:
-    """PTQ initialisation on the teacher's calibration trajectories (seeds disjoint from training)."""
+def calibrate_student(cfg: RunConfig, student: torch.nn.Module, teacher: Teacher, device: torch.device,
+                      method: Method | None = None) -> None:
+    """The method's initialisation (:meth:`qat.methods.Method.initialize`) on the teacher's calibration
+    trajectories (seeds disjoint from training)."""
     c, tr = cfg.calibration, cfg.trajectories
     data = trajectory_steps(teacher, list(range(c.num_trajectories)), c.num_steps, tr.eta, tr.guidance_scale,
-                         c.seed, device)
+                            c.seed, device)
     n = c.num_trajectories
     steps = torch.linspace(0, c.num_steps - 1, min(c.max_batches, c.num_steps)).round().long().unique()
     batches = [slice(int(s) * n, (int(s) + 1) * n) for s in steps]  # step-major layout
@@ -91,7 +83,8 @@ def calibrate_student(cfg: RunConfig, student: torch.nn.Module, teacher: Teacher
         cond, uncond = teacher.contexts(data["labels"][sl].to(device))
         guided_eps(model, x, t, cond, uncond, tr.guidance_scale)
 
-    qat.calibrate(student, batches, forward, per_timestep=c.per_timestep)
+    method = build_method(cfg) if method is None else method
+    method.initialize(student, Calibration(batches, forward, per_timestep=c.per_timestep))
 
 
 def apply_performance(cfg: RunConfig, student: torch.nn.Module, teacher: Teacher) -> None:
@@ -100,10 +93,10 @@ def apply_performance(cfg: RunConfig, student: torch.nn.Module, teacher: Teacher
     After calibration (its capture hooks run eagerly); in place, so checkpoints keep the plain state-dict keys.
     """
     p = cfg.performance
-    FakeQuantizer.fused = p.fused_fake_quant
     # unset: for the eager layers outside CUDA-graph blocks, where the GPU time is the step time (docs/performance.md)
     graphs = p.compile and p.compile_blocks and p.compile_mode in CUDA_GRAPH_MODES
-    qat.ste.use_compiled_kernels(graphs if p.compile_kernels is None else p.compile_kernels)
+    qat.set_fast_path(student, fused=p.fused_fake_quant,
+                      compiled_kernels=graphs if p.compile_kernels is None else p.compile_kernels)
     if p.compile:
         # mode only where it is not the default: other backends than inductor take no mode
         kwargs = {"backend": p.compile_backend} | ({"mode": p.compile_mode} if p.compile_mode != "default" else {})
@@ -193,6 +186,41 @@ class _Phases:
         self.last = now
 
 
+def _data_source(cfg: RunConfig, teacher: Teacher, method: Method, out: Path, device: torch.device, rank: int,
+                 world: int) -> OnlineTrajectories | CachedTrajectories:
+    """The online walker or the cache (generated here if needed) of the teacher's trajectories."""
+    tr = cfg.trajectories
+    if tr.mode == "online":
+        return OnlineTrajectories(teacher, tr.num_steps, tr.eta, tr.guidance_scale, tr.batch_size, tr.seed, rank,
+                                  world)
+    cache_dir = Path(tr.cache_dir) if tr.cache_dir else out / "trajectories"
+    manifest = generate_cache(teacher, cfg.teacher.path, cache_dir, tr.num_steps, tr.eta, tr.guidance_scale, tr.seed,
+                              tr.num_trajectories, tr.shard_size, device, rank, world,
+                              progress=cfg.trainer.enable_progress_bar)
+    return CachedTrajectories(manifest, tr.batch_size, tr.seed, rank, world, previous=method.needs_previous_step)
+
+
+def _trainer(cfg: RunConfig, out: Path, extra: list[L.Callback] | None) -> tuple[L.Trainer, Preemption]:
+    """The Lightning trainer with the run's callbacks, TensorBoard logger and cluster plugins."""
+    m = cfg.monitor
+    preemption = Preemption(str(out / "checkpoints" / "last.ckpt"))
+    callbacks = [
+        ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, every_n_train_steps=m.checkpoint_every_n_steps,
+                        save_top_k=1, enable_version_counter=False),
+        SampleGrid(m.sample_every_n_steps, list(m.sample_labels), m.sample_steps, cfg.trajectories.guidance_scale),
+        QuantizerTelemetry(m.telemetry_every_n_steps),
+        preemption,
+        *(extra or []),
+    ]
+    logger = TensorBoardLogger(str(out), name="tensorboard", version="")
+    # Preemption replaces Lightning's SLURM auto-requeue (see train.callbacks.Preemption).
+    slurm_managed = SLURMEnvironment.detect() and not TorchElasticEnvironment.detect()  # torchrun inside SLURM
+    plugins = [SLURMEnvironment(auto_requeue=False)] if slurm_managed else None
+    trainer = L.Trainer(**trainer_kwargs(cfg), default_root_dir=str(out), logger=logger, callbacks=callbacks,
+                        num_sanity_val_steps=0, plugins=plugins)
+    return trainer, preemption
+
+
 def main(argv: list[str] | None = None, callbacks: list[L.Callback] | None = None) -> Path:
     """Runs one training job; returns the run directory. ``callbacks`` are added to the run's own."""
     _quiet_known_warnings()
@@ -213,16 +241,17 @@ def main(argv: list[str] | None = None, callbacks: list[L.Callback] | None = Non
 
     teacher = load_teacher(cfg.teacher, device)  # 2.
     phases.done("teacher loaded")
-    student, report = build_student(cfg, teacher)  # 3.
+    method = build_method(cfg)
+    student, report = build_student(cfg, teacher, method)  # 3.
     student.to(device)
     phases.done("student built")
     if rank == 0:
         (out / "prepare_report.txt").write_text(report + "\n")
-    if ckpt is not None:  # 4. a resumed run restores quantizer state; it never re-calibrates
+    if ckpt is not None:  # 4. a resumed run restores the student's state; it never re-initialises
         restore_student(student, ckpt)
     else:
-        calibrate_student(cfg, student, teacher, device)
-        phases.done("student calibrated")
+        calibrate_student(cfg, student, teacher, device, method)
+        phases.done("student initialised")
 
     tr = cfg.trajectories
     evaluator: Evaluator | None = None
@@ -234,34 +263,13 @@ def main(argv: list[str] | None = None, callbacks: list[L.Callback] | None = Non
 
     # Before the cache is generated: a compiled teacher (performance.compile / compile_teacher) generates it faster.
     apply_performance(cfg, student, teacher)
-    if tr.mode == "online":
-        data: OnlineTrajectories | CachedTrajectories = OnlineTrajectories(
-            teacher, tr.num_steps, tr.eta, tr.guidance_scale, tr.batch_size, tr.seed, rank, world)
-    else:
-        cache_dir = Path(tr.cache_dir) if tr.cache_dir else out / "trajectories"
-        manifest = generate_cache(teacher, cfg.teacher.path, cache_dir, tr.num_steps, tr.eta, tr.guidance_scale,
-                                  tr.seed, tr.num_trajectories, tr.shard_size, device, rank, world,
-                                  progress=cfg.trainer.enable_progress_bar)
-        data = CachedTrajectories(manifest, tr.batch_size, tr.seed, rank, world)
-    system = DistillQATSystem(teacher, student, data, cfg.optim, tr.guidance_scale, tr.loss_target,
+    data = _data_source(cfg, teacher, method, out, device, rank, world)
+    graphs = cfg.performance.compile and cfg.performance.compile_mode in CUDA_GRAPH_MODES
+    system = DistillQATSystem(teacher, student, method, data, cfg.optim, tr.guidance_scale,
+                              [build_loss(c) for c in cfg.loss_configs],
                               int(teacher.scheduler.config.num_train_timesteps), cfg.monitor.timestep_buckets,
-                              cuda_graphs=cfg.performance.compile and cfg.performance.compile_mode in CUDA_GRAPH_MODES)
-    m = cfg.monitor
-    extra = callbacks
-    callbacks = [
-        ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, every_n_train_steps=m.checkpoint_every_n_steps,
-                        save_top_k=1, enable_version_counter=False),
-        SampleGrid(m.sample_every_n_steps, list(m.sample_labels), m.sample_steps, tr.guidance_scale),
-        QuantizerTelemetry(m.telemetry_every_n_steps),
-        preemption := Preemption(str(out / "checkpoints" / "last.ckpt")),
-        *(extra or []),
-    ]
-    logger = TensorBoardLogger(str(out), name="tensorboard", version="")
-    # Preemption replaces Lightning's SLURM auto-requeue (see train.callbacks.Preemption).
-    slurm_managed = SLURMEnvironment.detect() and not TorchElasticEnvironment.detect()  # torchrun inside SLURM
-    plugins = [SLURMEnvironment(auto_requeue=False)] if slurm_managed else None
-    trainer = L.Trainer(**trainer_kwargs(cfg), default_root_dir=str(out), logger=logger,
-                        callbacks=callbacks, num_sanity_val_steps=0, plugins=plugins)
+                              cuda_graphs=graphs)
+    trainer, preemption = _trainer(cfg, out, callbacks)
     # The batches come from the trajectory source inside the system; the loader only counts steps.
     steps = DataLoader(range(cfg.trainer.max_steps), batch_size=None, shuffle=False)
     phases.done("trajectories ready")
@@ -276,23 +284,30 @@ def main(argv: list[str] | None = None, callbacks: list[L.Callback] | None = Non
     if trainer.global_rank == 0:  # 7.
         save_student(student, teacher, out / "student", cfg)
         if evaluator is not None:
-            trained, qat_samples = evaluator.evaluate(student)
-            variants = {"fp": fp_metrics, "ptq": ptq, "qat": trained}
-            samples = {"fp": evaluator.fp_samples, "ptq": ptq_samples, "qat": qat_samples}
-            paths = write_run_report(out, cfg, evaluator, variants, samples, train_steps=cfg.trainer.max_steps,
-                                     wall_time_s=round(time.time() - start, 1))
-            for name, metrics in variants.items():
-                for key, value in metrics.items():
-                    if isinstance(value, float) and math.isfinite(value):
-                        logger.experiment.add_scalar(f"eval/{key}/{name}", value, trainer.global_step)
-            logger.experiment.flush()
-            print(f"held-out eps-MSE vs teacher: PTQ {ptq['eps_mse']:.6g} -> trained {trained['eps_mse']:.6g}; "
-                  f"report: {paths['md']}")
+            _report(cfg, out, evaluator, student, {"fp": fp_metrics, "ptq": ptq}, ptq_samples, trainer, start)
         if cfg.export:  # after the report, so the model card carries the evaluation
             from train.export_run import export_run
 
-            export_run(student, teacher, cfg, out / "export", run_dir=out)
+            export_run(student, teacher, cfg, out / "export", run_dir=out, method=method)
     return out
+
+
+def _report(cfg: RunConfig, out: Path, evaluator: Evaluator, student: torch.nn.Module,
+            variants: dict[str, dict[str, Any]], ptq_samples: SampleSet, trainer: L.Trainer, start: float) -> None:
+    """Evaluates the trained student and writes the run report (and the metrics to TensorBoard)."""
+    trained, qat_samples = evaluator.evaluate(student)
+    variants = {**variants, "qat": trained}
+    samples = {"fp": evaluator.fp_samples, "ptq": ptq_samples, "qat": qat_samples}
+    paths = write_run_report(out, cfg, evaluator, variants, samples, train_steps=cfg.trainer.max_steps,
+                             wall_time_s=round(time.time() - start, 1))
+    logger = trainer.logger
+    for name, metrics in variants.items():
+        for key, value in metrics.items():
+            if isinstance(value, float) and math.isfinite(value):
+                logger.experiment.add_scalar(f"eval/{key}/{name}", value, trainer.global_step)
+    logger.experiment.flush()
+    print(f"held-out eps-MSE vs teacher: PTQ {variants['ptq']['eps_mse']:.6g} -> trained {trained['eps_mse']:.6g}; "
+          f"report: {paths['md']}")
 
 
 def resolve_out(cfg: RunConfig) -> Path:

@@ -2,21 +2,32 @@
 
 ``load_config(["config=efficientdm_digits.yaml", "trainer.max_steps=20"])`` merges, in order, the schema defaults,
 the recipe (found in ``configs/`` by name, or by path) and the overrides, then validates everything before any
-model is built. Every error names the full key and the allowed values.
+model is built. The schema is :class:`RunConfig` plus two sections chosen by the config itself:
+
+* ``method: <name>`` selects a registered method (:mod:`qat.methods`); its own config dataclass types the section
+  of the same name (``efficientdm: {weight_bits: 4, ...}``), so a new method needs no edit here;
+* ``losses: {<name>: {weight: ..., ...}}`` adds registered loss terms (:mod:`qat.losses`), each typed by its own
+  config dataclass; ``output_mse`` (weight 1) is always there unless its weight is set to 0.
+
+Every error names the full key and the allowed values, and all errors of one config are reported together.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from qat.methods.efficientdm import FAMILY_RULES, EfficientDMConfig
+from qat.checks import ConfigProblems
+from qat.losses import LOSSES, build_loss
+from qat.methods import METHODS, Method
 
 __all__ = [
     "ConfigError",
@@ -26,24 +37,42 @@ __all__ = [
     "CalibrationConfig",
     "OptimConfig",
     "TrainerConfig",
+    "PerformanceConfig",
     "MonitorConfig",
     "EvalConfig",
     "load_config",
     "find_config",
+    "build_method",
+    "to_yaml",
+    "resolve_path",
     "CONFIG_DIR",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
+DEFAULT_METHOD = "efficientdm"
+#: keys of older configs that moved (old full key -> new full key); methods list their own in ``moved_keys``
+MOVED_KEYS = {"trajectories.loss_target": "losses.output_mse.target"}
 
 
 class ConfigError(ValueError):
-    """A configuration problem; the message names the full key and what is allowed."""
+    """Configuration problems; the message names each full key and what is allowed.
+
+    Attributes:
+        errors: one message per problem.
+    """
+
+    def __init__(self, errors: str | list[str]) -> None:
+        self.errors = [errors] if isinstance(errors, str) else list(errors)
+        if len(self.errors) == 1:
+            super().__init__(self.errors[0])
+        else:
+            super().__init__(f"{len(self.errors)} problems in the config:\n" + "\n".join(f"  - {e}"
+                                                                                           for e in self.errors))
 
 
-def _one_of(key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(allowed)}")
+def _one_of(key: str, value: Any, allowed: tuple) -> list[str]:
+    return [] if value in allowed else [f"{key}: {value!r} is not allowed; choose one of {list(allowed)}"]
 
 
 @dataclass
@@ -104,7 +133,7 @@ class TrajectoryConfig:
     Args:
         mode: ``online`` (walk each trajectory from high to low noise, one update per step, as EfficientDM) or
             ``cached`` (generate ``num_trajectories`` once into shards, then train on shuffled mixed-timestep batches).
-        num_steps: DDIM steps of a trajectory; also the rows of the temporal quantizer tables.
+        num_steps: DDIM steps of a trajectory; also the rows of per-timestep tables (e.g. EfficientDM's).
         eta: DDIM eta (1.0: stochastic, as EfficientDM).
         guidance_scale: classifier-free guidance scale ``w`` (``eps_u + w (eps_c - eps_u)``).
         batch_size: trajectories walked together (online) / samples per update (cached).
@@ -112,7 +141,6 @@ class TrajectoryConfig:
         num_trajectories: trajectories generated for ``cached`` mode.
         shard_size: trajectories per cache shard.
         cache_dir: where shards go; default ``<output_dir>/trajectories``.
-        loss_target: ``cfg`` (MSE of the CFG-combined eps, as EfficientDM) or ``branches`` (cond and uncond).
     """
 
     mode: str = "online"
@@ -124,7 +152,6 @@ class TrajectoryConfig:
     num_trajectories: int = 64
     shard_size: int = 16
     cache_dir: str | None = None
-    loss_target: str = "cfg"
 
 
 @dataclass
@@ -148,30 +175,14 @@ class CalibrationConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW over LoRA (scale-aware per-layer LR), weight steps and activation steps; linear decay to 0.
+    """AdamW over the method's parameter groups (their learning rates are the method's settings, e.g.
+    ``efficientdm.lora_lr``); linear warm-up, then linear decay to 0.
 
     Args:
-        lora_lr: with ``scale_aware`` the factor ``c`` in ``lr = c * mean(s_w)`` (EfficientDM: 1/2500 = 4e-4),
-            else the LoRA learning rate.
-        scale_aware: EfficientDM's scale-aware LoRA optimisation (per-layer learning rates).
-        weight_step_lr: learning rate of the weight steps (EfficientDM: 1e-6).
-        act_step_lr: learning rate of the temporal activation steps and offsets (EfficientDM: 5e-4); with
-            ``act_scale_aware`` the factor ``c`` in ``lr = c * mean(|s_a|)`` of each activation quantizer's steps.
-        act_scale_aware: relative (scale-aware) activation-step learning rates, see :func:`qat.param_groups`;
-            needed when one recipe serves 4- and 8-bit activations (a DiffQAT option, off in the paper recipe).
-        quantizer_weight_decay: AdamW weight decay of quantizer parameters (default 0; the reference used 0.01).
-        lora_weight_decay: AdamW weight decay of LoRA matrices.
         warmup_steps: linear warm-up steps before the linear decay.
         betas: AdamW betas.
     """
 
-    lora_lr: float = 4e-4
-    scale_aware: bool = True
-    weight_step_lr: float = 1e-6
-    act_step_lr: float = 5e-4
-    act_scale_aware: bool = False
-    quantizer_weight_decay: float = 0.0
-    lora_weight_decay: float = 0.0
     warmup_steps: int = 0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
 
@@ -204,15 +215,16 @@ class PerformanceConfig:
             state-dict keys stay the same). The first steps are slow while it compiles.
         compile_backend: the ``torch.compile`` backend (``inductor``; ``aot_eager`` to debug).
         fused_fake_quant: quantizers run as one autograd node each (:func:`qat.ste.fake_quantize_ste`); false
-            selects the composite reference form (slower, more memory; for debugging).
+            selects the composite reference form (slower, more memory; for debugging). Set on the student's
+            quantizers with :func:`qat.set_fast_path`.
         compile_kernels: the fake-quant math of the fused quantizers compiled into one kernel per quantizer and
-            pass (:func:`qat.ste.use_compiled_kernels`), the model itself eager: most of ``compile``'s gain on the
-            quantizers without compiling the model (seconds, not minutes). Needs a C++ compiler (CPU) or Triton
+            pass (``qat.set_fast_path(student, compiled_kernels=True)``), the model itself eager: most of the gain on
+            the quantizers without compiling the model (seconds, not minutes). Needs a C++ compiler (CPU) or Triton
             (GPU). No effect with ``fused_fake_quant=false``. Unset: on with ``compile``, ``compile_blocks`` and a
             CUDA-graph ``compile_mode``, where it speeds up the quantized layers outside the compiled blocks
             (``conv_in``, the time embedding, ``conv_out``: an LDM-4 W4A4 step of batch 32, 121.3 -> 118.8 ms on an
-            H200, ``docs/performance.md``); off otherwise (without CUDA graphs that step is bound by the host, and
-            no gain was measured).
+            H200, ``docs/performance.md``); off otherwise (without CUDA graphs that step is bound by the host, and no
+            gain was measured).
         compile_blocks: with ``compile``, compile the student's repeated blocks one by one (ResNet and transformer
             blocks; regional compilation) instead of the whole model: the compile time grows with the distinct
             block shapes, not with the depth (tested equal to eager); the teacher is still compiled whole. Each
@@ -311,21 +323,20 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    """Everything a run needs. Sections map one-to-one to the YAML recipes in ``configs/``.
+    """Everything a run needs. Sections map one-to-one to the YAML recipes in ``configs/``; the method's section
+    (named after ``method``) and ``losses`` are added by :func:`load_config` (see the module docstring).
 
     ``export``: write the packed low-bit model (:mod:`train.export_run`) to ``<output_dir>/export`` at the end.
     ``resume``: ``last`` (``<output_dir>/checkpoints/last.ckpt``, which must exist), ``auto`` (``last`` if it exists,
     else a fresh start: the setting for requeued cluster jobs) or a checkpoint path.
     """
 
-    method: str = "efficientdm"
+    method: str = DEFAULT_METHOD
     output_dir: str = "runs/default"
     export: bool = True
     resume: str | None = None
     seed: int = 0
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    # "auto": the quantization rules of the teacher's family (train.models.families); recipes may name one explicitly
-    efficientdm: EfficientDMConfig = field(default_factory=lambda: EfficientDMConfig(family="auto"))
     trajectories: TrajectoryConfig = field(default_factory=TrajectoryConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -334,23 +345,57 @@ class RunConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    @property
+    def method_config(self) -> Any:
+        """The method's own section (an instance of its ``config_class``)."""
+        return getattr(self, self.method)
+
+    @property
+    def loss_configs(self) -> list[Any]:
+        """The loss terms of ``losses`` with a weight above 0 (instances of their config classes)."""
+        losses = getattr(self, "losses", None)
+        if losses is None:
+            return []
+        return [getattr(losses, f.name) for f in dataclasses.fields(losses) if getattr(losses, f.name).weight > 0]
+
+
+def build_method(cfg: RunConfig) -> Method:
+    """The run's :class:`qat.methods.Method` with its config section."""
+    return METHODS.get(cfg.method)(cfg.method_config)
+
+
+#: (method, its config class, (loss name, loss config class)...) -> schema class: one class per combination, so that
+#: two loads of the same config compare equal (dataclass equality needs the same class)
+_SCHEMAS: dict[tuple, type] = {}
+
+
+def _run_schema(method: str | None, losses: list[str]) -> type:
+    """:class:`RunConfig` with the method's section and a ``losses`` section of the named terms (``output_mse``
+    first, the others in name order)."""
+    names = ["output_mse", *sorted(n for n in losses if n != "output_mse")]
+    method_cls = METHODS.get(method).config_class if method is not None else None
+    key = (method, method_cls, *((n, LOSSES.get(n)[0]) for n in names))
+    if key not in _SCHEMAS:
+        losses_cls = make_dataclass("LossesConfig", [(n, c, field(default_factory=c)) for n, c in key[2:]])
+        fields: list[tuple] = [("losses", losses_cls, field(default_factory=losses_cls))]
+        if method_cls is not None:
+            fields.insert(0, (method, method_cls, field(default_factory=method_cls)))
+        _SCHEMAS[key] = make_dataclass(f"RunConfig_{method or 'unknown'}", fields, bases=(RunConfig,))
+    return _SCHEMAS[key]
+
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes whose compiled graphs are CUDA graphs
 _PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "64-true")
 
 
-def validate(cfg: RunConfig) -> None:
-    """Value ranges and impossible combinations; raises :class:`ConfigError` naming the full key."""
-    from qat.methods import METHODS
-
-    _one_of("method", cfg.method, tuple(METHODS.names()))
-    t, tr, e = cfg.teacher, cfg.trajectories, cfg.efficientdm
-    _validate_teacher(t)
-    _one_of("trajectories.mode", tr.mode, ("online", "cached"))
-    _one_of("trajectories.loss_target", tr.loss_target, ("cfg", "branches"))
+def validate(cfg: RunConfig) -> list[str]:
+    """Value ranges and impossible combinations across sections; one message per problem, naming the full key."""
+    t, tr, p = cfg.teacher, cfg.trajectories, cfg.performance
+    errors = _teacher_problems(t)
+    errors += _one_of("trajectories.mode", tr.mode, ("online", "cached"))
     if not 0.0 <= tr.eta <= 1.0:
-        raise ConfigError(f"trajectories.eta: {tr.eta} is outside [0, 1]")
+        errors.append(f"trajectories.eta: {tr.eta} is outside [0, 1]")
     for key, value in (("trajectories.num_steps", tr.num_steps), ("trajectories.batch_size", tr.batch_size),
                        ("trajectories.num_trajectories", tr.num_trajectories),
                        ("trajectories.shard_size", tr.shard_size), ("trainer.max_steps", cfg.trainer.max_steps),
@@ -359,81 +404,80 @@ def validate(cfg: RunConfig) -> None:
                        ("eval.num_trajectories", cfg.eval.num_trajectories),
                        ("eval.sampling_steps", cfg.eval.sampling_steps), ("eval.batch_size", cfg.eval.batch_size)):
         if value < 1:
-            raise ConfigError(f"{key}: must be >= 1, got {value}")
+            errors.append(f"{key}: must be >= 1, got {value}")
     if tr.guidance_scale != 1.0 and t.conditioning == "none":
-        raise ConfigError("trajectories.guidance_scale: classifier-free guidance needs conditioning; set "
-                          "trajectories.guidance_scale=1.0 or teacher.conditioning to 'class' / 'prompt_embeds' / "
-                          "'prompts'")
-    if e.num_timesteps != tr.num_steps:
-        raise ConfigError(f"efficientdm.num_timesteps ({e.num_timesteps}) must equal trajectories.num_steps "
-                          f"({tr.num_steps}): the temporal tables have one row per trajectory step")
-    for key, bits in (("efficientdm.weight_bits", e.weight_bits), ("efficientdm.act_bits", e.act_bits),
-                      ("efficientdm.special_bits", e.special_bits)):
-        if not 2 <= bits <= 8:
-            raise ConfigError(f"{key}: {bits} is outside [2, 8]")
-    _one_of("efficientdm.family", e.family, (*sorted(FAMILY_RULES), "auto"))
-    _one_of("efficientdm.act_init", e.act_init, ("mse", "minmax"))
-    _one_of("efficientdm.weight_init", e.weight_init, ("mse", "minmax"))
-    _one_of("trainer.precision", str(cfg.trainer.precision), _PRECISIONS)
-    _one_of("trainer.profiler", cfg.trainer.profiler, (None, "simple", "advanced", "pytorch"))
-    if cfg.performance.compile_blocks and not cfg.performance.compile:
-        raise ConfigError("performance.compile_blocks: compiles blocks instead of the whole model, so it needs "
-                          "performance.compile=true")
-    _one_of("performance.compile_backend", cfg.performance.compile_backend,
-            ("inductor", "aot_eager", "eager", "cudagraphs"))
-    _one_of("performance.compile_mode", cfg.performance.compile_mode, COMPILE_MODES)
-    if cfg.performance.compile_mode != "default" and not (
-            cfg.performance.compile and cfg.performance.compile_backend == "inductor"):
-        raise ConfigError(f"performance.compile_mode: {cfg.performance.compile_mode!r} is a mode of the inductor "
-                          "backend for the compiled student: it needs performance.compile=true and "
-                          "performance.compile_backend=inductor")
+        errors.append("trajectories.guidance_scale: classifier-free guidance needs conditioning; set "
+                      "trajectories.guidance_scale=1.0 or teacher.conditioning to 'class' / 'prompt_embeds' / "
+                      "'prompts'")
+    errors += _one_of("trainer.precision", str(cfg.trainer.precision), _PRECISIONS)
+    errors += _one_of("trainer.profiler", cfg.trainer.profiler, (None, "simple", "advanced", "pytorch"))
+    if p.compile_blocks and not p.compile:
+        errors.append("performance.compile_blocks: compiles blocks instead of the whole model, so it needs "
+                      "performance.compile=true")
+    errors += _one_of("performance.compile_backend", p.compile_backend,
+                      ("inductor", "aot_eager", "eager", "cudagraphs"))
+    errors += _one_of("performance.compile_mode", p.compile_mode, COMPILE_MODES)
+    if p.compile_mode != "default" and not (p.compile and p.compile_backend == "inductor"):
+        errors.append(f"performance.compile_mode: {p.compile_mode!r} is a mode of the inductor backend for the "
+                      "compiled student: it needs performance.compile=true and performance.compile_backend=inductor")
     if len(cfg.optim.betas) != 2:
-        raise ConfigError(f"optim.betas: needs two values, got {list(cfg.optim.betas)}")
-    _validate_eval(cfg.eval)
+        errors.append(f"optim.betas: needs two values, got {list(cfg.optim.betas)}")
+    if cfg.optim.warmup_steps < 0:
+        errors.append(f"optim.warmup_steps: must be >= 0, got {cfg.optim.warmup_steps}")
+    errors += _eval_problems(cfg.eval)
+    for loss in cfg.loss_configs:
+        try:
+            build_loss(loss)
+        except ConfigProblems as err:
+            errors += [f"losses.{loss.name}.{key}: {msg}" for key, msg in err.problems]
     if cfg.resume not in (None, "last", "auto") and not Path(cfg.resume).is_file():
-        raise ConfigError(f"resume: {cfg.resume!r} is neither 'last', 'auto' nor an existing checkpoint file")
+        errors.append(f"resume: {cfg.resume!r} is neither 'last', 'auto' nor an existing checkpoint file")
+    return errors
 
 
-def _validate_teacher(t: TeacherConfig) -> None:
+def _teacher_problems(t: TeacherConfig) -> list[str]:
     from train.models.families import FAMILIES
 
-    _one_of("teacher.conditioning", t.conditioning, ("class", "prompt_embeds", "prompts", "none"))
-    _one_of("teacher.dtype", t.dtype, ("fp32", "bf16"))
+    errors = _one_of("teacher.conditioning", t.conditioning, ("class", "prompt_embeds", "prompts", "none"))
+    errors += _one_of("teacher.dtype", t.dtype, ("fp32", "bf16"))
     if t.family is not None:
-        _one_of("teacher.family", t.family, tuple(FAMILIES))
+        errors += _one_of("teacher.family", t.family, tuple(FAMILIES))
     if t.conditioning == "prompt_embeds" and not t.prompt_embeds_path:
-        raise ConfigError("teacher.prompt_embeds_path: required when teacher.conditioning is 'prompt_embeds'")
+        errors.append("teacher.prompt_embeds_path: required when teacher.conditioning is 'prompt_embeds'")
     if t.conditioning == "prompts" and not t.prompt_file:
-        raise ConfigError("teacher.prompt_file: required when teacher.conditioning is 'prompts' (a text file with "
-                          "one prompt per line)")
+        errors.append("teacher.prompt_file: required when teacher.conditioning is 'prompts' (a text file with "
+                      "one prompt per line)")
     if t.sample_shape is not None and (len(t.sample_shape) not in (3, 4) or min(t.sample_shape) < 1):
-        raise ConfigError(f"teacher.sample_shape: {list(t.sample_shape)} must be 3 or 4 positive sizes, e.g. "
-                          "[C, H, W] or [C, F, H, W] (Wan)")
+        errors.append(f"teacher.sample_shape: {list(t.sample_shape)} must be 3 or 4 positive sizes, e.g. "
+                      "[C, H, W] or [C, F, H, W] (Wan)")
     if t.max_sequence_length is not None and t.max_sequence_length < 1:
-        raise ConfigError(f"teacher.max_sequence_length: must be >= 1, got {t.max_sequence_length}")
+        errors.append(f"teacher.max_sequence_length: must be >= 1, got {t.max_sequence_length}")
+    return errors
 
 
-def _validate_eval(ev: EvalConfig) -> None:
-    from train.models.pipeline import scheduler_class
+def _eval_problems(ev: EvalConfig) -> list[str]:
+    from train.models.schedulers import scheduler_class
 
+    errors = []
     try:
         scheduler_class(ev.scheduler)
     except ValueError as err:
-        raise ConfigError(str(err)) from None
-    _one_of("eval.features", ev.features, ("digits", "inception", "none"))
+        errors.append(str(err))
+    errors += _one_of("eval.features", ev.features, ("digits", "inception", "none"))
     if ev.num_samples < 2:
-        raise ConfigError(f"eval.num_samples: must be >= 2 (distribution statistics need two samples), got "
-                          f"{ev.num_samples}")
+        errors.append(f"eval.num_samples: must be >= 2 (distribution statistics need two samples), got "
+                      f"{ev.num_samples}")
     if not 0.0 <= ev.eta <= 1.0:
-        raise ConfigError(f"eval.eta: must be in [0, 1], got {ev.eta}")
+        errors.append(f"eval.eta: must be in [0, 1], got {ev.eta}")
     if ev.grid_size < 0:
-        raise ConfigError(f"eval.grid_size: must be >= 0, got {ev.grid_size}")
+        errors.append(f"eval.grid_size: must be >= 0, got {ev.grid_size}")
     if ev.features == "inception":
         for key in ("inception_path", "reference_path"):
             if not getattr(ev, key):
-                raise ConfigError(f"eval.{key}: required when eval.features is 'inception' (local Inception-V3 "
-                                  "weights and an ADM-layout .npz of real images; nothing is downloaded); or set "
-                                  "eval.features=none")
+                errors.append(f"eval.{key}: required when eval.features is 'inception' (local Inception-V3 weights "
+                              "and an ADM-layout .npz of real images; nothing is downloaded); or set "
+                              "eval.features=none")
+    return errors
 
 
 def find_config(name: str) -> Path:
@@ -445,32 +489,70 @@ def find_config(name: str) -> Path:
     raise ConfigError(f"config: {name!r} is neither a file nor a recipe in {CONFIG_DIR}; known recipes: {known}")
 
 
-def _allowed_keys(schema: DictConfig, full_key: str) -> list[str]:
-    parent = full_key.rpartition(".")[0]
-    node = OmegaConf.select(schema, parent) if parent else schema
-    return sorted(node.keys()) if isinstance(node, DictConfig) else []
+def _leaves(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """``(dotted key, value)`` of every leaf of nested dicts (lists and empty dicts are leaves)."""
+    if isinstance(data, dict) and (data or not prefix):
+        return [leaf for k, v in data.items() for leaf in _leaves(v, f"{prefix}.{k}" if prefix else str(k))]
+    return [(prefix, data)]
 
 
-def _explain(err: OmegaConfBaseException, schema: DictConfig, source: str) -> ConfigError:
-    key = getattr(err, "full_key", None) or "?"
+def _pop(data: dict, key: str) -> tuple[bool, Any]:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    if isinstance(node, dict) and parts[-1] in node:
+        return True, node.pop(parts[-1])
+    return False, None
+
+
+def _put(data: dict, key: str, value: Any) -> None:
+    node = data
+    for part in key.split(".")[:-1]:
+        node = node.setdefault(part, {})
+    node.setdefault(key.split(".")[-1], value)
+
+
+def _migrate(data: dict, moved: dict[str, str], source: str) -> None:
+    """Moves old keys of ``data`` to their new place (the new key wins when both are set), with a warning."""
+    for old, new in moved.items():
+        found, value = _pop(data, old)
+        if found:
+            _put(data, new, value)
+            warnings.warn(f"{old} (from {source}) is now {new}; update the config", stacklevel=3)
+
+
+def _known_prefix(schema: DictConfig, key: str) -> tuple[str, str]:
+    """``(longest existing prefix of key, first unknown segment)``."""
+    node: Any = schema
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, DictConfig) or part not in node:
+            return ".".join(parts[:i]), part
+        node = node[part]
+    return key, ""
+
+
+def _explain(err: OmegaConfBaseException, key: str, schema: DictConfig, source: str, method: str | None) -> str:
     if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
-        allowed = _allowed_keys(schema, key)
-        leaf = key.rpartition(".")[2]
+        prefix, leaf = _known_prefix(schema, key)
+        node = OmegaConf.select(schema, prefix) if prefix else schema
+        allowed = sorted(node.keys()) if isinstance(node, DictConfig) else []
+        bad = f"{prefix}.{leaf}" if prefix else leaf
+        msg = f"{bad}: unknown key (from {source}); allowed keys here: {allowed}"
+        if not prefix and leaf in METHODS:
+            msg += f"; it is the section of method {leaf!r}, but this run's method is {method!r}"
         hint = difflib.get_close_matches(leaf, allowed, n=1)
-        msg = f"{key}: unknown key (from {source}); allowed keys here: {allowed}"
-        return ConfigError(msg + (f"; did you mean {hint[0]!r}?" if hint else ""))
+        return msg + (f"; did you mean {hint[0]!r}?" if hint else "")
     if isinstance(err, ValidationError):
-        return ConfigError(f"{key}: {str(err.msg).splitlines()[0]} (from {source})")
-    return ConfigError(f"{key}: {str(err).splitlines()[0]} (from {source})")
+        return f"{key}: {str(err.msg).splitlines()[0]} (from {source})"
+    return f"{key}: {str(err).splitlines()[0]} (from {source})"
 
 
-def load_config(argv: list[str]) -> RunConfig:
-    """Builds the validated :class:`RunConfig` from ``["config=<name or path>", "key=value", ...]``.
-
-    ``config=`` is optional (schema defaults otherwise). Raises :class:`ConfigError` on unknown keys, wrong types,
-    bad values and impossible combinations, always naming the full key.
-    """
-    schema = OmegaConf.structured(RunConfig)
+def _read(argv: list[str]) -> tuple[list[tuple[str, dict]], list[str]]:
+    """``[(source, data)]`` of the recipe and the command line, and argument errors."""
     recipe: str | None = None
     overrides: list[str] = []
     for arg in argv:
@@ -481,30 +563,116 @@ def load_config(argv: list[str]) -> RunConfig:
             recipe = value
         else:
             overrides.append(arg)
-    merged = schema
+    sources: list[tuple[str, dict]] = []
+    if recipe is not None:
+        path = find_config(recipe)
+        try:
+            data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"config: {path} is not a valid YAML mapping: {str(err).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config: {path} must hold a YAML mapping of sections, got {type(data).__name__}")
+        sources.append((str(path), data))
     try:
-        if recipe is not None:
-            path = find_config(recipe)
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        sources.append(("command line", OmegaConf.to_container(OmegaConf.from_dotlist(overrides), resolve=False)))
     except OmegaConfBaseException as err:
-        raise _explain(err, schema, str(path)) from None
-    try:
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
-    except OmegaConfBaseException as err:
-        raise _explain(err, schema, "command line") from None
+        raise ConfigError(f"command line: {str(err).splitlines()[0]}") from None
+    return sources, []
+
+
+def load_config(argv: list[str]) -> RunConfig:
+    """Builds the validated :class:`RunConfig` from ``["config=<name or path>", "key=value", ...]``.
+
+    ``config=`` is optional (schema defaults otherwise). Raises :class:`ConfigError` with every problem (unknown
+    keys, wrong types, bad values, impossible combinations), each naming its full key.
+    """
+    sources, errors = _read(argv)
+    method: str | None = DEFAULT_METHOD
+    for _, data in sources:
+        method = data.get("method", method)
+    if method not in METHODS:
+        errors.append(f"method: {method!r} is not allowed; choose one of {METHODS.names()}")
+        method = None
+    moved = dict(MOVED_KEYS) | ({} if method is None else {
+        old: f"{method}.{new}" for old, new in METHODS.get(method).moved_keys.items()})
+    losses = ["output_mse"]
+    for source, data in sources:
+        _migrate(data, moved, source)
+        requested = data.get("losses") or {}
+        if not isinstance(requested, dict):
+            errors.append(f"losses: must be a mapping of loss names to their settings, got {requested!r} (from "
+                          f"{source})")
+            data.pop("losses")
+            continue
+        for name in list(requested):
+            if name not in LOSSES:
+                errors.append(f"losses.{name}: unknown loss (from {source}); registered losses: {LOSSES.names()}")
+                requested.pop(name)
+            elif name not in losses:
+                losses.append(name)
+    schema_cls = _run_schema(method, losses)
+    schema = OmegaConf.structured(schema_cls)
+    merged = OmegaConf.structured(schema_cls)
+    for source, data in sources:
+        for key, value in _leaves(data):
+            if method is None and key.split(".")[0] in METHODS:
+                continue  # the section of an unknown method cannot be checked
+            try:
+                OmegaConf.update(merged, key, value, merge=True)
+            except OmegaConfBaseException as err:
+                errors.append(_explain(err, key, schema, source, method))
     missing = sorted(OmegaConf.missing_keys(merged))
-    if missing:
-        raise ConfigError(f"{missing[0]}: required but not set (the recipe leaves it to you); add "
-                          f"{missing[0]}=<value> to the command line" + (f"; also missing: {missing[1:]}"
-                                                                          if missing[1:] else ""))
-    try:
-        cfg: RunConfig = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        raise _explain(err, schema, "resolved config") from None
-    except ValueError as err:  # __post_init__ checks; EfficientDMConfig is the only schema section with them
-        raise ConfigError(f"efficientdm.{err}") from None
-    validate(cfg)
+    errors += [f"{key}: required but not set (the recipe leaves it to you); add {key}=<value> to the command line"
+               for key in missing]
+    sections = _sections(schema_cls, merged, schema, method, {m.split(".")[0] for m in missing}, errors)
+    failed = {f.name for f in dataclasses.fields(schema_cls)} - set(sections)
+    # Cross-section checks still run where sections failed (defaults stand in; their own findings are dropped),
+    # so that one message reports every problem of the config.
+    defaults = {f.name: f.default_factory() for f in dataclasses.fields(schema_cls)
+                if f.name in failed and f.default_factory is not dataclasses.MISSING}
+    cfg = schema_cls(**sections, **defaults) if set(sections) | set(defaults) == {
+        f.name for f in dataclasses.fields(schema_cls) if f.init} else None
+    if cfg is not None:
+        errors += [e for e in validate(cfg) if e.split(".")[0].split(":")[0] not in failed]
+        if method is not None and method not in failed and not any(e.startswith(f"{method}.") for e in errors):
+            errors += [f"{key}: {msg}" for key, msg in build_method(cfg).problems_with(cfg)]
+    if errors:
+        raise ConfigError(errors)
     return cfg
+
+
+def _sections(schema_cls: type, merged: DictConfig, schema: DictConfig, method: str | None, skip: set[str],
+              errors: list[str]) -> dict[str, Any]:
+    """Each top-level field of ``merged`` as an object (dataclass sections through their ``__post_init__``
+    checks, whose problems are added to ``errors`` with their full keys); sections in ``skip`` are left out."""
+    sections: dict[str, Any] = {}
+    for f in dataclasses.fields(schema_cls):
+        if f.name in skip:
+            continue
+        node = merged[f.name]
+        if not isinstance(node, DictConfig):
+            sections[f.name] = node
+            continue
+        try:
+            if f.name == "losses":  # one term at a time, so that a term's problems name its full key
+                terms = {}
+                for name in node:
+                    try:
+                        terms[name] = OmegaConf.to_object(node[name])
+                    except ConfigProblems as err:
+                        errors += [f"losses.{name}.{key}: {msg}" for key, msg in err.problems]
+                sections[f.name] = f.type(**terms) if len(terms) == len(node) else None
+                if sections[f.name] is None:
+                    del sections[f.name]
+                continue
+            sections[f.name] = OmegaConf.to_object(node)
+        except ConfigProblems as err:
+            errors += [f"{f.name}.{key}: {msg}" for key, msg in err.problems]
+        except OmegaConfBaseException as err:
+            errors.append(_explain(err, f.name, schema, "resolved config", method))
+        except ValueError as err:
+            errors.append(f"{f.name}: {err}")
+    return sections
 
 
 def to_yaml(cfg: RunConfig) -> str:

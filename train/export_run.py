@@ -14,14 +14,17 @@ Layout of ``<out>`` (a diffusers-style model directory; :func:`qat.load_quantize
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
 
 import torch
 
-from qat.export import CARD_NAME, export_quantized, export_sizes, load_quantized, model_card_text
-from train.config import RunConfig, resolve_path, to_yaml
+from qat.export import CARD_NAME, export_quantized, load_quantized
+from qat.export_card import export_sizes, model_card_text
+from qat.methods import Method
+from train.config import RunConfig, build_method, resolve_path, to_yaml
 from train.models.teacher import Teacher
 
 __all__ = ["export_run", "student_dir", "evaluation_summary", "verify_export"]
@@ -81,20 +84,19 @@ def verify_export(student: torch.nn.Module, loaded: torch.nn.Module, teacher: Te
 
 
 def export_run(student: torch.nn.Module, teacher: Teacher, cfg: RunConfig, out: Path, run_dir: Path | None = None,
-               verify: bool = True) -> Path:
+               verify: bool = True, method: Method | None = None) -> Path:
     """Exports ``student`` (left untouched) with the teacher's scheduler and conditioning files into ``out``.
 
     The model card takes the evaluation from ``run_dir/report.json`` when present. With ``verify`` the export is
     reloaded and compared with the student (noise prediction at three grid timesteps); a difference above 1e-5
     raises.
     """
-    e = cfg.efficientdm
-    card = {"base_model": cfg.teacher.path,
-            "method": f"{cfg.method} (W{e.weight_bits}A{e.act_bits}, QALoRA rank {e.lora_rank} merged, "
-                      f"{e.num_timesteps}-row temporal activation tables)",
+    method = build_method(cfg) if method is None else method
+    card = {"base_model": cfg.teacher.path, "method": f"{cfg.method} ({method.describe()})",
             "evaluation": evaluation_summary(run_dir) if run_dir is not None else None,
             "source run": str(run_dir) if run_dir is not None else None}
-    unet_dir = export_quantized(student, out / "unet", model_card=card)
+    converted = method.convert(copy.deepcopy(student))  # the caller's student stays as trained
+    unet_dir = export_quantized(converted, out / "unet", model_card=card)
     (unet_dir / CARD_NAME).unlink()  # the card lives at the model root, with subfolder-aware instructions
     root = resolve_path(cfg.teacher.path)
     shutil.copytree(root / cfg.teacher.scheduler_subfolder, out / "scheduler", dirs_exist_ok=True)

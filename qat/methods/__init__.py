@@ -1,13 +1,18 @@
-"""One file per paper method. Each registers its ``build_student(denoiser, config)`` under its name."""
+"""One file per paper method, each a :class:`Method` registered by name (:data:`METHODS`).
+
+=============  ====================  ===============================================================
+name           class                 paper
+=============  ====================  ===============================================================
+efficientdm    EfficientDM           He et al., ICLR 2024, arXiv:2310.03270
+=============  ====================  ===============================================================
+
+``docs/methods.md`` walks through adding one.
+"""
 
 from __future__ import annotations
 
-from qat.registry import Registry
+from qat.methods.base import METHODS, Calibration, Method, build_method, register_method
+from qat.methods.efficientdm import EfficientDM, EfficientDMConfig
 
-__all__ = ["METHODS", "register_method"]
-
-METHODS: Registry = Registry("method")
-register_method = METHODS.register
-
-# Importing the method modules registers them.
-from qat.methods import efficientdm  # noqa: E402, F401
+__all__ = ["METHODS", "Method", "Calibration", "build_method", "register_method", "EfficientDM",
+           "EfficientDMConfig"]

@@ -33,15 +33,15 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 class _QuantInputOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, step: Tensor, zero: Tensor, weight: Tensor, bias: Tensor | None,  # type: ignore[override]
-                q_min: int, q_max: int, conv: tuple | None) -> Tensor:
+                q_min: int, q_max: int, conv: tuple | None, compiled: bool) -> Tensor:
         dtype = _compute_dtype(x)
-        q = fake_quantize_forward(x, step, zero, q_min, q_max).to(dtype)
+        q = fake_quantize_forward(x, step, zero, q_min, q_max, compiled).to(dtype)
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
         with torch.autocast(x.device.type, enabled=False):
             y = torch.nn.functional.linear(q, w, b) if conv is None else torch.nn.functional.conv2d(q, w, b, *conv)
         ctx.save_for_backward(x, step, zero, w)
-        ctx.q_min, ctx.q_max, ctx.conv, ctx.dtype = q_min, q_max, conv, dtype
+        ctx.q_min, ctx.q_max, ctx.conv, ctx.dtype, ctx.compiled = q_min, q_max, conv, dtype, compiled
         ctx.weight_dtype, ctx.bias_dtype = weight.dtype, None if bias is None else bias.dtype
         return y
 
@@ -49,7 +49,7 @@ class _QuantInputOp(torch.autograd.Function):
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, step, zero, w = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        q = fake_quantize_forward(x, step, zero, ctx.q_min, ctx.q_max).to(ctx.dtype)
+        q = fake_quantize_forward(x, step, zero, ctx.q_min, ctx.q_max, ctx.compiled).to(ctx.dtype)
         g = grad_y.to(ctx.dtype)
         if ctx.conv is None:
             grad_q = g @ w if any(needs[:3]) else None
@@ -65,20 +65,23 @@ class _QuantInputOp(torch.autograd.Function):
         grad_x = grad_step = grad_zero = None
         if grad_q is not None:
             grad_x, grad_step, grad_zero, _ = fake_quantize_backward(grad_q, x, step, zero, None, ctx.q_min,
-                                                                     ctx.q_max, (*needs[:3], False))
+                                                                     ctx.q_max, (*needs[:3], False), ctx.compiled)
         grad_w = None if grad_w is None else grad_w.to(ctx.weight_dtype)
         grad_b = None if grad_b is None else grad_b.to(ctx.bias_dtype)
-        return grad_x, grad_step, grad_zero, grad_w, grad_b, None, None, None
+        return grad_x, grad_step, grad_zero, grad_w, grad_b, None, None, None, None
 
 
 def quant_input_conv2d(x: Tensor, step: Tensor, zero: Tensor, q_min: int, q_max: int, weight: Tensor,
                        bias: Tensor | None, stride: tuple[int, int], padding: tuple[int, int] | str,
-                       dilation: tuple[int, int], groups: int) -> Tensor:
-    """``conv2d(Q(x; step, zero), weight, bias)`` (zero padding), saving ``x`` only. ``x``: ``(B, C, H, W)``."""
-    return _QuantInputOp.apply(x, step, zero, weight, bias, q_min, q_max, (stride, padding, dilation, groups))
+                       dilation: tuple[int, int], groups: int, compiled: bool = False) -> Tensor:
+    """``conv2d(Q(x; step, zero), weight, bias)`` (zero padding), saving ``x`` only. ``x``: ``(B, C, H, W)``;
+    ``compiled``: the quantizer math as compiled kernels (:func:`qat.ste.fake_quantize_ste`)."""
+    return _QuantInputOp.apply(x, step, zero, weight, bias, q_min, q_max, (stride, padding, dilation, groups),
+                               compiled)
 
 
 def quant_input_linear(x: Tensor, step: Tensor, zero: Tensor, q_min: int, q_max: int, weight: Tensor,
-                       bias: Tensor | None) -> Tensor:
-    """``linear(Q(x; step, zero), weight, bias)``, saving ``x`` only. ``x``: ``(..., C_in)``."""
-    return _QuantInputOp.apply(x, step, zero, weight, bias, q_min, q_max, None)
+                       bias: Tensor | None, compiled: bool = False) -> Tensor:
+    """``linear(Q(x; step, zero), weight, bias)``, saving ``x`` only. ``x``: ``(..., C_in)``; ``compiled``: as
+    :func:`quant_input_conv2d`."""
+    return _QuantInputOp.apply(x, step, zero, weight, bias, q_min, q_max, None, compiled)

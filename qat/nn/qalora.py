@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from qat.nn.layers import QuantConv2d, QuantLinear
+from qat.quantizers.affine import AffineQuantizer
 from qat.ste import fake_quantize_lowrank_ste
 
 __all__ = ["QALoRALinear", "QALoRAConv2d", "QALORA_LAYERS", "add_qalora", "qalora_layers", "merge_qalora"]
@@ -78,12 +79,13 @@ class _QALoRAMixin:
         base = self.get_base_layer()
         q = base.weight_quantizer
         names = [n for n in self.active_adapters if n in self.lora_A]
-        if (len(names) != 1 or q is None or not q.enabled or not q.fused or base.weight.requires_grad
+        if (len(names) != 1 or not isinstance(q, AffineQuantizer) or not q.enabled or not q.fused
+                or base.weight.requires_grad
                 or q.config.granularity == "group" or (q.config.granularity == "channel" and q.channel_axis != 0)
                 or getattr(self, "fan_in_fan_out", False) or getattr(base, "groups", 1) != 1
                 or self.use_dora.get(names[0], False) or names[0] in getattr(self, "lora_variant", {})):
             return None
-        _, step, zero = q._params(base.weight)
+        _, step, zero = q.broadcast_params(base.weight)
         if step.numel() not in (1, base.weight.shape[0]):  # one step per tensor or per output channel only
             return None
         name = names[0]

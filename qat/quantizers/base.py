@@ -1,233 +1,89 @@
-"""Shared machinery of the uniform affine fake quantizers.
+"""The open base of every quantizer: one ``nn.Module`` and one config dataclass, registered by name.
 
-All quantizers in this package compute
+A quantizer maps a tensor to its fake-quantized value of the same shape and dtype. What the base fixes for all of
+them (affine grids, binary bases, and whatever a method adds):
 
-    Q(x; s, z) = s * (clip(round(x / s) + z, q_min, q_max) - z)                                   (1)
+* ``config``: a :class:`QuantizerConfig` subclass with a class-level ``name``; :func:`register_quantizer` puts the
+  pair in :data:`QUANTIZERS`, so configs (YAML, export files) name quantizers and a lookup failure lists the names.
+* ``enabled``: on/off. Off, the forward is the identity.
+* ``initialized``: a buffer (saved in every state dict), set by the data-dependent initialisation
+  (:meth:`Quantizer.initialize_`), which runs before the optimizer is built; a resumed run never re-initialises.
+  An enabled quantizer that is not initialised refuses to run.
+* export: a weight quantizer says how its codes are stored (:meth:`Quantizer.pack_weight` /
+  :meth:`Quantizer.unpack_weight`), so a new quantizer exports and reloads without an edit to :mod:`qat.export`.
 
-with a step ``s > 0`` and an integer zero-point ``z`` (0 for symmetric schemes), ``round`` replaced by
-:func:`qat.ste.round_ste` in the backward pass and ``clip`` by ``torch.clamp`` (gradient 1 inside the range, 0
-outside). With this form the step receives the LSQ gradient of Esser et al. (arXiv:1902.08153, Eq. 3):
-
-    dQ/ds = round(x/s) - x/s           if x/s + z lies in [q_min, q_max]
-    dQ/ds = q_min - z  or  q_max - z   if clipped below or above
-
-and a learned zero-point receives ``dQ/dz = -s`` where clipped and 0 elsewhere (the LSQ+ offset gradient of Bhalgat
-et al., arXiv:2004.09576, expressed in integer units).
-
-Granularity (the shape of ``s`` and ``z``):
-    ``tensor``: one pair, shape ``()``.
-    ``channel``: one pair per slice along ``channel_axis``, shape ``(C,)``.
-    ``group``: weights only, ``channel_axis`` 0; every output channel is flattened and split into groups of
-        ``group_size`` consecutive elements, shape ``(C, G)``.
+Quantizers whose forward depends on the sampler timestep implement :class:`qat.timestep.TimestepAware`; the
+affine ones carry their fast-path choice per instance (:func:`qat.set_fast_path`).
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from qat.ste import fake_quantize_ste, round_ste
+from qat.checks import raise_problems
+from qat.registry import Registry
 
-__all__ = ["QuantizerConfig", "FakeQuantizer", "qrange", "fake_quantize", "search_range"]
-
-GRANULARITIES = ("tensor", "channel", "group")
-INIT_METHODS = ("minmax", "mse")
+__all__ = ["QuantizerConfig", "Quantizer", "QUANTIZERS", "register_quantizer", "build_quantizer", "config_class",
+           "quantizer_entry", "config_from_entry"]
 
 
 @dataclass
 class QuantizerConfig:
-    """Fields shared by every uniform quantizer config.
+    """Fields every quantizer config has.
 
     Args:
-        n_bits: bit-width, 2 to 8.
-        signed: integer range ``[-2^(b-1), 2^(b-1) - 1]`` if True, else ``[0, 2^b - 1]``.
-        symmetric: zero-point fixed at 0; otherwise an integer zero-point is kept (asymmetric).
-        granularity: ``tensor``, ``channel`` or ``group`` (see the module docstring).
-        group_size: elements per group; required for ``group``, forbidden otherwise.
-        init: data-dependent initialisation: ``minmax`` (range includes 0) or ``mse`` (search over clipping ratios).
-        mse_p: exponent of the ``|x - Q(x)|^p`` error minimised by ``mse`` (2.4 as in EfficientDM / LAPQ).
-        mse_ratios: number of clipping ratios ``1, 0.99, ...`` tried by ``mse``.
+        n_bits: bits per code; each quantizer family states its range in ``bits_range``.
     """
 
     name: ClassVar[str] = ""
+    #: inclusive range of ``n_bits`` this family supports
+    bits_range: ClassVar[tuple[int, int]] = (1, 8)
     n_bits: int = 8
-    signed: bool = False
-    symmetric: bool = False
-    granularity: str = "tensor"
-    group_size: int | None = None
-    init: str = "minmax"
-    mse_p: float = 2.4
-    mse_ratios: int = 80
 
     def __post_init__(self) -> None:
-        if not 2 <= self.n_bits <= 8:
-            raise ValueError(f"n_bits must be in [2, 8], got {self.n_bits}")
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {list(GRANULARITIES)}, got {self.granularity!r}")
-        if self.granularity == "group":
-            if self.group_size is None or self.group_size < 1:
-                raise ValueError("granularity 'group' needs a positive group_size")
-        elif self.group_size is not None:
-            raise ValueError(f"group_size is only valid with granularity 'group', not {self.granularity!r}")
-        if self.init not in INIT_METHODS:
-            raise ValueError(f"init must be one of {list(INIT_METHODS)}, got {self.init!r}")
-        if not 1 <= self.mse_ratios <= 100:
-            raise ValueError(f"mse_ratios must be in [1, 100], got {self.mse_ratios}")
+        raise_problems(self.problems())
+
+    def problems(self) -> list[tuple[str, str]]:
+        """``(field, message)`` for every invalid field (subclasses extend the list)."""
+        lo, hi = self.bits_range
+        if isinstance(self.n_bits, bool) or not isinstance(self.n_bits, int) or not lo <= self.n_bits <= hi:
+            return [("n_bits", f"must be in [{lo}, {hi}] for {self.name or type(self).__name__}, got {self.n_bits}")]
+        return []
 
 
-def qrange(n_bits: int, signed: bool) -> tuple[int, int]:
-    """Integer range ``(q_min, q_max)`` of a ``n_bits`` code."""
-    if signed:
-        return -(2 ** (n_bits - 1)), 2 ** (n_bits - 1) - 1
-    return 0, 2**n_bits - 1
+class Quantizer(nn.Module):
+    """Base class of every quantizer (see the module docstring for the contract).
 
-
-def fake_quantize(x: Tensor, step: Tensor, zero_point: Tensor, q_min: int, q_max: int) -> Tensor:
-    """Eq. (1) with STE rounding. ``step`` and ``zero_point`` broadcast against ``x``; ``zero_point`` is rounded."""
-    z = round_ste(zero_point)
-    q = torch.clamp(round_ste(x / step) + z, q_min, q_max)
-    return (q - z) * step
-
-
-def _params_from_range(
-    lo: Tensor, hi: Tensor, q_min: int, q_max: int, symmetric: bool, signed: bool
-) -> tuple[Tensor, Tensor]:
-    """Step and zero-point that map ``[lo, hi]`` (which contains 0) onto ``[q_min, q_max]``."""
-    if symmetric:
-        if signed:
-            step = torch.maximum(-lo, hi) / q_max
-        else:
-            step = hi / q_max
-        zero = torch.zeros_like(step)
-    else:
-        step = (hi - lo) / (q_max - q_min)
-        step = step.clamp_min(1e-8)
-        zero = (q_min - torch.round(lo / step)).clamp(q_min, q_max)
-    return step.clamp_min(1e-8), zero
-
-
-@torch.no_grad()
-def search_range(
-    x: Tensor, q_min: int, q_max: int, symmetric: bool, signed: bool, method: str, p: float = 2.4, n_ratios: int = 80
-) -> tuple[Tensor, Tensor]:
-    """Initial step and zero-point for each row of ``x``.
-
-    ``minmax`` uses ``[min(x, 0), max(x, 0)]``. ``mse`` shrinks that range by ``1 - 0.01 i`` for
-    ``i = 0 .. n_ratios - 1`` and keeps, per row, the ratio that minimises ``mean |x - Q(x)|^p``.
+    Subclasses implement :meth:`forward` (identity when ``enabled`` is False, refusing when not initialised:
+    :meth:`check_ready`), :meth:`initialize_` and, to be exportable as a weight quantizer, :meth:`pack_weight`,
+    :meth:`unpack_weight` and :meth:`packed_names`.
 
     Args:
-        x: ``(R, N)``, one row per (step, zero-point) pair.
-
-    Returns:
-        ``(step, zero_point)``, each ``(R,)``, float32.
-    """
-    x = x.float()
-    lo = x.min(dim=1).values.clamp_max(0)
-    hi = x.max(dim=1).values.clamp_min(0)
-    step, zero = _params_from_range(lo, hi, q_min, q_max, symmetric, signed)
-    if method == "minmax":
-        return step, zero
-    best = torch.full_like(step, math.inf)
-    for i in range(n_ratios):
-        ratio = 1.0 - 0.01 * i
-        s, z = _params_from_range(lo * ratio, hi * ratio, q_min, q_max, symmetric, signed)
-        err = (fake_quantize(x, s[:, None], z[:, None], q_min, q_max) - x).abs().pow(p).mean(dim=1)
-        better = err < best
-        best = torch.where(better, err, best)
-        step = torch.where(better, s, step)
-        zero = torch.where(better, z, zero)
-    return step, zero
-
-
-class FakeQuantizer(nn.Module):
-    """Base class: a uniform affine fake quantizer (Eq. 1) with an ``enabled`` switch and an ``initialized`` buffer.
-
-    Subclasses decide where ``step`` and ``zero_point`` live (buffers or parameters, static or per timestep) by
-    implementing :meth:`_step_zero`, and how data initialises them in :meth:`_write_init`.
-
-    Args:
-        config: the quantizer config.
-        num_channels: size of ``channel_axis``; required for ``channel`` and ``group`` granularity.
-        channel_axis: the axis that carries the channels of the tensor this quantizer sees (0 for weights, 1 for
-            conv activations ``(B, C, H, W)``, -1 for linear activations ``(..., C)``).
-        group_count: number of groups per channel for ``group`` granularity.
-
-    Raises:
-        RuntimeError: in ``forward`` when enabled but not initialised; call :func:`qat.calibrate` (activations)
-            or :func:`qat.initialize_weight_quantizers` first, before building the optimizer.
+        config: the quantizer's config.
     """
 
     config: QuantizerConfig
-    #: forward through :func:`qat.ste.fake_quantize_ste` (one autograd node, input-only saved state); ``False``
-    #: selects the composite ``round_ste`` form, the reference the fused path is tested against.
-    fused: bool = True
 
-    def __init__(
-        self,
-        config: QuantizerConfig,
-        num_channels: int | None = None,
-        channel_axis: int = 0,
-        group_count: int | None = None,
-    ) -> None:
+    def __init__(self, config: QuantizerConfig) -> None:
         super().__init__()
         self.config = config
         self.enabled = True
-        self.q_min, self.q_max = qrange(config.n_bits, config.signed)
-        self.channel_axis = channel_axis
-        if config.granularity == "tensor":
-            self.param_shape: tuple[int, ...] = ()
-        elif num_channels is None:
-            raise ValueError(f"granularity {config.granularity!r} needs num_channels")
-        elif config.granularity == "channel":
-            self.param_shape = (num_channels,)
-        else:
-            if channel_axis != 0 or group_count is None:
-                raise ValueError("granularity 'group' needs channel_axis 0 and group_count (weights only)")
-            self.param_shape = (num_channels, group_count)
         # A buffer, not a Python attribute: a reloaded checkpoint must never be re-initialised.
         self.register_buffer("initialized", torch.tensor(False))
         self._ready: bool | None = None
-
-    # -- subclass hooks -------------------------------------------------------------------------------------------
-    def _step_zero(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Current ``(step, zero_point)`` for input ``x``, shaped ``param_shape`` or ``(B, *param_shape)``."""
-        raise NotImplementedError
-
-    def _write_init(self, step: Tensor, zero_point: Tensor) -> None:
-        """Stores initial values shaped ``param_shape``."""
-        raise NotImplementedError
-
-    # -- shape handling -------------------------------------------------------------------------------------------
-    def _rows(self, x: Tensor) -> Tensor:
-        """``x`` as ``(R, N)`` with one row per (step, zero-point) pair, R = prod(param_shape)."""
-        if self.config.granularity == "tensor":
-            return x.reshape(1, -1)
-        c = self.param_shape[0]
-        moved = x.movedim(self.channel_axis, 0).reshape(c, -1)
-        if self.config.granularity == "group":
-            return moved.reshape(c * self.param_shape[1], -1)
-        return moved
-
-    def _broadcast(self, p: Tensor, x: Tensor) -> Tensor:
-        """Views ``p`` (``param_shape`` or ``(B, *param_shape)``) so that it broadcasts against ``x``."""
-        batched = p.dim() > len(self.param_shape)
-        shape = [1] * x.dim()
-        if batched:
-            shape[0] = p.shape[0]
-        if self.config.granularity == "channel":
-            shape[self.channel_axis] = self.param_shape[0]
-        return p.reshape(shape)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self._ready = None  # re-read the loaded ``initialized`` buffer on the next forward
 
-    def _check_ready(self) -> None:
-        # Reading the buffer on every call would synchronise a GPU once per layer; cache it until the next load.
+    def check_ready(self) -> None:
+        """Raises when the quantizer has not been initialised (read once per load: no GPU sync per call)."""
         if not self._ready:
             self._ready = bool(self.initialized)
         if not self._ready:
@@ -236,101 +92,98 @@ class FakeQuantizer(nn.Module):
                 "qat.initialize_weight_quantizers(...) (weights) before building the optimizer"
             )
 
-    # -- public API -----------------------------------------------------------------------------------------------
-    def _params(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``x`` viewed for its parameters (``(C, G, n)`` for groups), with broadcast step and (unrounded) zero."""
-        self._check_ready()
-        step, zero = self._step_zero(x)
-        if self.config.granularity == "group":
-            c, g = self.param_shape
-            return x.reshape(c, g, -1), step[..., None], zero[..., None]
-        return x, self._broadcast(step, x), self._broadcast(zero, x)
+    def mark_initialized(self) -> None:
+        """Sets the ``initialized`` buffer (the end of every initialisation)."""
+        self.initialized.fill_(True)
+        self._ready = True
 
-    def _grid(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Like :meth:`_params`, with the zero-point STE-rounded (the composite reference path)."""
-        xv, step, zero = self._params(x)
-        return xv, step, round_ste(zero)
-
-    def _codes(self, x: Tensor, delta: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """``(codes, step, zero)`` in the parameter view of ``x``: ``clip(clip(round(x/s) + z) + round(delta/s))``."""
-        xv, step, zero = self._grid(x.float())
-        q = torch.clamp(round_ste(xv / step) + zero, self.q_min, self.q_max)
-        if delta is not None:
-            q = torch.clamp(q + round_ste(delta.float().reshape(xv.shape) / step), self.q_min, self.q_max)
-        return q, step, zero
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Fake-quantizes ``x`` (any shape; the computation runs in float32 and returns ``x.dtype``)."""
-        if not self.enabled:
-            return x
-        if self.fused:
-            xv, step, zero = self._params(x)
-            return fake_quantize_ste(xv, step, zero, self.q_min, self.q_max).reshape(x.shape)
-        q, step, zero = self._codes(x, None)
-        return ((q - zero) * step).reshape(x.shape).to(x.dtype)
-
-    def integer_codes(self, x: Tensor, delta: Tensor | None = None) -> Tensor:
-        """Integer codes ``clip(clip(round(x/s) + z) + round(delta/s))`` as a float tensor shaped like ``x``.
-
-        ``delta`` (same shape as ``x``) is an update added in the integer domain, as QALoRA's merge does
-        (EfficientDM Sec. 3.1: the LoRA product moves the stored integer weight by ``round(BA / s)``).
-        Gradients flow through the STE.
-        """
-        return self._codes(x, delta)[0].reshape(x.shape)
-
-    def dequantize(self, codes: Tensor) -> Tensor:
-        """``s * (codes - z)``, the inverse of :meth:`integer_codes` on the grid."""
-        cv, step, zero = self._grid(codes.float())
-        return ((cv - zero) * step).reshape(codes.shape)
-
-    def forward_with_delta(self, w: Tensor, delta: Tensor) -> Tensor:
-        """QALoRA weight: ``s * (clip(W_int + round(delta / s)) - z)`` with ``W_int = clip(round(w / s) + z)``.
-
-        With ``delta = 0`` this equals ``forward(w)``; when ``w`` is on the grid it equals ``forward(w + delta)``
-        up to the rounding of ties. Returns ``w.dtype``.
-        """
-        if not self.enabled:
-            return w + delta
-        if self.fused:
-            wv, step, zero = self._params(w)
-            out = fake_quantize_ste(wv, step, zero, self.q_min, self.q_max, delta.reshape(wv.shape))
-            return out.reshape(w.shape)
-        q, step, zero = self._codes(w, delta)  # one parameter lookup for codes and dequantisation
-        return ((q - zero) * step).reshape(w.shape).to(w.dtype)
-
-    @torch.no_grad()
-    def _search(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Initial ``(step, zero_point)`` shaped ``param_shape`` from data ``x`` with the config's method."""
-        return self._search_rows(self._rows(x.detach()))
-
-    @torch.no_grad()
-    def _search_rows(self, rows: Tensor) -> tuple[Tensor, Tensor]:
-        """Like :meth:`_search` for data already laid out as ``(prod(param_shape), N)`` rows."""
-        c = self.config
-        step, zero = search_range(rows, self.q_min, self.q_max, c.symmetric, c.signed, c.init, c.mse_p, c.mse_ratios)
-        return step.reshape(self.param_shape), zero.reshape(self.param_shape)
-
-    @torch.no_grad()
     def initialize_(self, x: Tensor) -> None:
-        """Data-dependent initialisation from ``x`` with the config's ``init`` method; marks the quantizer ready."""
-        self._write_init(*self._search(x))
-        self.initialized.fill_(True)
-        self._ready = True
+        """Data-dependent initialisation from ``x`` (a weight, or calibration inputs); marks the quantizer ready."""
+        raise NotImplementedError(f"{type(self).__name__} has no data-dependent initialisation")
 
-    @torch.no_grad()
-    def initialize_from_rows_(self, rows: Tensor, index: int | None = None) -> None:
-        """Initialisation from ``(prod(param_shape), N)`` rows (what :func:`qat.calibrate` collects).
+    # -- export (weight quantizers) ----------------------------------------------------------------------------------
+    def packed_names(self) -> list[str]:
+        """Names of the tensors :meth:`pack_weight` writes (stored as ``<layer>.weight.<name>``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how its weight codes are stored")
 
-        ``index`` selects one row of a per-timestep table; only :class:`TemporalLSQQuantizer` accepts it.
+    def pack_weight(self, weight: Tensor) -> dict[str, Tensor]:
+        """The codes of ``Q(weight)`` as packed tensors ``{name: tensor}`` (names from :meth:`packed_names`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how its weight codes are stored")
+
+    def unpack_weight(self, packed: dict[str, Tensor], shape: torch.Size) -> Tensor:
+        """The weight ``Q(W)`` (float32, ``shape``) from :meth:`pack_weight`'s tensors and this quantizer's state.
+
+        Raises:
+            ValueError: the tensors (or this quantizer's loaded state) do not fit its config and ``shape``; the
+                message starts with the packed name or the state key at fault, ``"<name>: why"``.
         """
-        if index is not None:
-            raise ValueError(f"{type(self).__name__} has no per-timestep table")
-        self._write_init(*self._search_rows(rows))
-        self.initialized.fill_(True)
-        self._ready = True
+        raise NotImplementedError(f"{type(self).__name__} does not say how its weight codes are stored")
+
+    def export_state(self) -> dict[str, Tensor]:
+        """The quantizer tensors an export stores (its state dict without ``initialized``)."""
+        return {k: v.detach() for k, v in self.state_dict().items() if k != "initialized"}
 
     def extra_repr(self) -> str:
-        c = self.config
-        kind = "sym" if c.symmetric else "asym"
-        sign = "signed" if c.signed else "unsigned"
-        return f"n_bits={c.n_bits}, {kind}, {sign}, granularity={c.granularity}, enabled={self.enabled}"
+        return f"n_bits={self.config.n_bits}, enabled={self.enabled}"
+
+
+#: name -> (config class, quantizer class)
+QUANTIZERS: Registry[tuple[type[QuantizerConfig], type[Quantizer]]] = Registry("quantizer")
+
+
+def register_quantizer(config_cls: type[QuantizerConfig]) -> Callable[[type[Quantizer]], type[Quantizer]]:
+    """Class decorator: registers a quantizer class with its config class under ``config_cls.name``."""
+
+    return QUANTIZERS.register_config(config_cls)
+
+
+def config_class(name: str) -> type[QuantizerConfig]:
+    """The config dataclass registered as ``name`` (a failed lookup lists the known names)."""
+    return QUANTIZERS.get(name)[0]
+
+
+def build_quantizer(config: QuantizerConfig, num_channels: int | None = None, channel_axis: int = 0,
+                    group_count: int | None = None) -> Quantizer:
+    """Builds the quantizer module for ``config`` (dispatch on its registered ``name``).
+
+    Args:
+        config: any registered quantizer config.
+        num_channels: size of ``channel_axis`` (per-channel and per-group parameters).
+        channel_axis: the axis of the channels of the tensors this quantizer sees (0 for weights, 1 for conv
+            activations ``(B, C, H, W)``, -1 for linear activations ``(..., C)``).
+        group_count: groups per channel (per-group weight quantizers).
+    """
+    _, cls = QUANTIZERS.get(config.name)
+    return cls(config, num_channels=num_channels, channel_axis=channel_axis, group_count=group_count)
+
+
+def quantizer_entry(q: Quantizer) -> dict[str, Any]:
+    """``{"quantizer": name, <every config field>}``: enough to rebuild ``q``'s config exactly (export files)."""
+    return {"quantizer": q.config.name, **dataclasses.asdict(q.config)}
+
+
+def config_from_entry(entry: Any, ignore: tuple[str, ...] = ("shape",)) -> QuantizerConfig:
+    """The config recorded by :func:`quantizer_entry` (keys in ``ignore`` are allowed and skipped).
+
+    Raises:
+        ValueError: not an object with a known ``quantizer`` name, unknown fields, non-integer bits, or a field
+            the config rejects; the message says which.
+    """
+    if not isinstance(entry, dict) or "quantizer" not in entry:
+        raise ValueError(f"must be an object with a 'quantizer' name, got {entry!r}")
+    try:
+        cls = config_class(entry["quantizer"])
+    except KeyError as err:
+        raise ValueError(err.args[0]) from None
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(entry) - fields - {"quantizer", *ignore})
+    if unknown:
+        raise ValueError(f"has unknown fields {unknown} for quantizer {entry['quantizer']!r} (allowed: "
+                         f"{sorted(fields)}); was it written by a newer DiffQAT?")
+    bits = entry.get("n_bits")
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise ValueError(f"declared bits n_bits={bits!r} are not supported (an integer)")
+    try:
+        return cls(**{k: v for k, v in entry.items() if k in fields})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"invalid quantizer config: {err}") from None

@@ -14,14 +14,15 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from qat.quantizers.base import FakeQuantizer, QuantizerConfig
+from qat.quantizers.affine import AffineConfig, AffineQuantizer
+from qat.quantizers.base import register_quantizer
 from qat.ste import grad_scale
 
 __all__ = ["LSQConfig", "LSQQuantizer"]
 
 
 @dataclass
-class LSQConfig(QuantizerConfig):
+class LSQConfig(AffineConfig):
     """Config of :class:`LSQQuantizer`.
 
     Args:
@@ -35,14 +36,16 @@ class LSQConfig(QuantizerConfig):
     learn_offset: bool = False
     grad_scale: bool = False
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def problems(self) -> list[tuple[str, str]]:
+        out = super().problems()
         if self.learn_offset and self.symmetric:
-            raise ValueError("learn_offset needs an asymmetric quantizer (symmetric=False): the zero-point is 0")
+            out.append(("learn_offset", "needs an asymmetric quantizer (symmetric=False): the zero-point is 0"))
+        return out
 
 
-class LSQQuantizer(FakeQuantizer):
-    """Eq. (1) of :mod:`qat.quantizers.base` with a learned step ``s`` (``nn.Parameter`` of shape ``param_shape``).
+@register_quantizer(LSQConfig)
+class LSQQuantizer(AffineQuantizer):
+    """Eq. (1) of :mod:`qat.quantizers.affine` with a learned step ``s`` (``nn.Parameter`` of shape ``param_shape``).
 
     The zero-point is an ``nn.Parameter`` with ``learn_offset`` (LSQ+), a buffer otherwise. Its forward value is
     always rounded (STE), so the trained model stays an integer-zero-point model that can be deployed as is.

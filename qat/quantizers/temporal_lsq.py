@@ -22,7 +22,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from qat.quantizers.base import register_quantizer
 from qat.quantizers.lsq import LSQConfig, LSQQuantizer
+from qat.timestep import TimestepCall
 
 __all__ = ["TemporalLSQConfig", "TemporalLSQQuantizer", "grid_position", "interpolation_weights"]
 
@@ -38,12 +40,14 @@ class TemporalLSQConfig(LSQConfig):
     name: ClassVar[str] = "temporal_lsq"
     num_timesteps: int = 100
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def problems(self) -> list[tuple[str, str]]:
+        out = super().problems()
         if self.num_timesteps < 1:
-            raise ValueError(f"num_timesteps must be >= 1, got {self.num_timesteps}")
+            out.append(("num_timesteps", f"must be >= 1, got {self.num_timesteps}"))
         if self.granularity == "group":
-            raise ValueError("temporal_lsq quantizes activations: granularity must be 'tensor' or 'channel'")
+            out.append(("granularity", "temporal_lsq quantizes activations: granularity must be 'tensor' or "
+                                       "'channel'"))
+        return out
 
 
 def grid_position(grid: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -91,6 +95,7 @@ def interpolation_weights(position: tuple[Tensor, Tensor, Tensor], num_rows: int
     return coef.scatter_add_(-1, hi.unsqueeze(-1), w.unsqueeze(-1))
 
 
+@register_quantizer(TemporalLSQConfig)
 class TemporalLSQQuantizer(LSQQuantizer):
     """LSQ / LSQ+ whose step and zero-point are looked up per timestep.
 
@@ -123,9 +128,9 @@ class TemporalLSQQuantizer(LSQQuantizer):
         self._hi: Tensor | None = None
         self._w: Tensor | None = None
         self._coef: Tensor | None = None  # interpolation_weights of the timestep values set (None: an index)
-        self._coef_reused: Tensor | None = None  # qat.set_timestep(reuse=True) writes into this one (kept on clear)
+        self._coef_reused: Tensor | None = None  # a reuse=True call writes into this one (kept on clear)
 
-    # -- timestep selection ---------------------------------------------------------------------------------------
+    # -- timestep selection ------------------------------------------------------------------------------------------
     def set_timestep_index(self, index: int | Tensor) -> None:
         """Selects table row(s): an int, or a ``(B,)`` long tensor (one row per sample)."""
         t_count = self.config.num_timesteps
@@ -140,20 +145,48 @@ class TemporalLSQQuantizer(LSQQuantizer):
             raise IndexError(f"timestep index {index} out of range [0, {t_count})")
         self._lo, self._hi, self._w, self._coef = index, None, None, None
 
-    def set_timestep(self, t: float | Tensor, position: tuple[Tensor, Tensor, Tensor] | None = None,
-                     weights: Tensor | None = None) -> None:
-        """Selects rows by sampler timestep value(s) ``t`` (scalar or ``(B,)``), interpolating between rows.
+    def set_timestep(self, t: float | Tensor, call: TimestepCall | None = None) -> None:
+        """Selects rows by sampler timestep value(s) ``t`` (scalar or ``(B,)``), interpolating between rows
+        (:class:`qat.timestep.TimestepAware`).
 
         Always the interpolating form ``(1 - w) table[lo] + w table[hi]``: on grid points ``w = 0`` makes it exactly
         ``table[lo]``, and no value is read back to the host, so a GPU never waits here and a compiled model sees
-        the same graph for every timestep. ``position`` is a precomputed ``grid_position(self.timesteps, t)`` and
-        ``weights`` its :func:`interpolation_weights` (:func:`qat.set_timestep` computes both once for all
-        quantizers that share a grid).
+        the same graph for every timestep. The grid position and its :func:`interpolation_weights` are computed
+        once per ``call`` for all quantizers on the same grid (``call.memo``); with ``call.reuse`` the weights are
+        written into the tensor of this grid's previous call (fixed addresses for CUDA graphs).
         """
-        if position is None:
-            position = grid_position(self.timesteps, torch.as_tensor(t))
-        self._lo, self._hi, self._w = position
-        self._coef = weights if weights is not None else interpolation_weights(position, self.config.num_timesteps)
+        call = TimestepCall(torch.as_tensor(t)) if call is None else call
+        key = ("temporal_lsq", self._grid_key, self.timesteps.device)
+        hit = call.memo.get(key)
+        if hit is None:
+            position = grid_position(self.timesteps, call.t)
+            weights = interpolation_weights(position, self.config.num_timesteps)
+            if call.reuse:
+                weights = self._in_place(weights)
+            hit = call.memo[key] = (position, weights)
+        (self._lo, self._hi, self._w), self._coef = hit
+
+    def _in_place(self, weights: Tensor) -> Tensor:
+        """``weights`` copied into the tensor this quantizer held last time (the first of its grid in a call)."""
+        old = self._coef_reused
+        if (old is not None and old.shape == weights.shape and old.dtype == weights.dtype
+                and old.device == weights.device):
+            return old.copy_(weights)
+        self._coef_reused = weights
+        return weights
+
+    def nearest_rows(self) -> int | Tensor:
+        """The table row each sample of the current timestep is nearest to (an int, or ``(B,)``), for per-row
+        statistics such as calibration.
+
+        Raises:
+            RuntimeError: no timestep is set.
+        """
+        if self._lo is None:
+            raise RuntimeError("no timestep is set on the quantizer (use `with qat.timestep(model, t):`)")
+        if self._w is None:
+            return self._lo
+        return torch.where(self._w > 0.5, self._hi, self._lo)
 
     @property
     def grid_key(self) -> tuple[float, ...]:
@@ -177,7 +210,7 @@ class TemporalLSQQuantizer(LSQQuantizer):
         super()._load_from_state_dict(*args, **kwargs)
         self._grid_key = tuple(self.timesteps.tolist())  # once per load, not per forward
 
-    # -- FakeQuantizer hooks --------------------------------------------------------------------------------------
+    # -- AffineQuantizer hooks ---------------------------------------------------------------------------------------
     def _rows_for(self, table: Tensor, x: Tensor) -> Tensor:
         if self._coef is None:
             rows = table[self._lo]
@@ -217,5 +250,8 @@ class TemporalLSQQuantizer(LSQQuantizer):
         else:
             self.step[index] = step
             self.zero_point[index] = zero
-        self.initialized.fill_(True)
-        self._ready = True
+        self.mark_initialized()
+
+    def export_state(self) -> dict[str, Tensor]:
+        """The tables as trained: zero-points are interpolated between rows before rounding, so they stay unrounded."""
+        return {k: v.detach() for k, v in self.state_dict().items() if k != "initialized"}

@@ -8,20 +8,22 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from qat.quantizers.base import FakeQuantizer, QuantizerConfig
+from qat.quantizers.affine import AffineConfig, AffineQuantizer
+from qat.quantizers.base import register_quantizer
 
 __all__ = ["UniformConfig", "UniformQuantizer"]
 
 
 @dataclass
-class UniformConfig(QuantizerConfig):
-    """Config of :class:`UniformQuantizer`; all fields are those of :class:`QuantizerConfig`."""
+class UniformConfig(AffineConfig):
+    """Config of :class:`UniformQuantizer`; all fields are those of :class:`AffineConfig`."""
 
     name: ClassVar[str] = "uniform"
 
 
-class UniformQuantizer(FakeQuantizer):
-    """Eq. (1) of :mod:`qat.quantizers.base` with ``step`` and ``zero_point`` as buffers.
+@register_quantizer(UniformConfig)
+class UniformQuantizer(AffineQuantizer):
+    """Eq. (1) of :mod:`qat.quantizers.affine` with ``step`` and ``zero_point`` as buffers.
 
     The step and zero-point come from :meth:`initialize_` (min-max or MSE search) and receive no gradient; the
     input gets the STE gradient ``1`` inside the clipping range and ``0`` outside. This is the static PTQ

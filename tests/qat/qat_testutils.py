@@ -18,7 +18,7 @@ from diffusers import DDIMScheduler, DiTTransformer2DModel, UNet2DConditionModel
 
 
 def qrange_ref(n_bits: int, signed: bool) -> tuple[int, int]:
-    """Integer range written out by hand (independent of ``qat.quantizers.qrange``)."""
+    """Integer range written out by hand (independent of ``qat.packing.qrange``)."""
     return (-(2 ** (n_bits - 1)), 2 ** (n_bits - 1) - 1) if signed else (0, 2**n_bits - 1)
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 import qat
 from qat.prepare import LayerRule, QuantSpec
-from qat.quantizers import LSQConfig, TemporalLSQConfig, UniformConfig
+from qat.quantizers import BinaryConfig, LSQConfig, TemporalLSQConfig, UniformConfig
 
 
 class TwoLayer(nn.Module):
@@ -70,6 +70,23 @@ def test_weight_minmax_init_per_group() -> None:
             vals = w[c, 4 * g: 4 * g + 4].tolist()
             lo, hi = min(min(vals), 0.0), max(max(vals), 0.0)
             assert q.step[c, g].item() == pytest.approx((hi - lo) / 15, rel=1e-6)
+
+
+def test_binary_quantizers_initialise_from_the_weight_and_the_first_input() -> None:
+    """Binary weights: s_1 = mean |W|, s_2 = mean |W - s_1 sign(W)| per output channel. A quantizer without per-row
+    statistics (binary activations here) is initialised from the first input it sees."""
+    model = prepared(weight=BinaryConfig(num_bases=2), act=BinaryConfig(granularity="tensor"), patterns=("fc1",))
+    gen = torch.Generator().manual_seed(1)
+    first, second = torch.randn(4, 8, generator=gen), torch.randn(4, 8, generator=gen) * 5
+    assert qat.calibrate(model, [first, second], lambda m, b: m(b)) == {"weights": 1, "activations": 1}
+    w = model.fc1.weight.detach().double().numpy()
+    s1 = np.abs(w).mean(axis=1)
+    r1 = w - s1[:, None] * np.where(w >= 0, 1.0, -1.0)
+    torch.testing.assert_close(model.fc1.weight_quantizer.scale.detach().double(),
+                               torch.from_numpy(np.stack([s1, np.abs(r1).mean(axis=1)])), rtol=1e-6, atol=0)
+    act = model.fc1.act_quantizer
+    assert act.enabled and act.scale.item() == pytest.approx(first.abs().mean().item(), rel=1e-6)
+    assert qat.is_initialized(model)
 
 
 def _ref_fq(x: torch.Tensor, s: float, z: float, q_min: int, q_max: int) -> torch.Tensor:

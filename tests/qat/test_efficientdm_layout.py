@@ -9,6 +9,7 @@ memory, no init time): ``prepare`` only needs module types, names and shapes.
 from __future__ import annotations
 
 import collections
+import copy
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 import qat
-from qat.methods.efficientdm import EfficientDMConfig, build_student, efficientdm_spec
+from qat.methods.efficientdm import EfficientDM, EfficientDMConfig, efficientdm_spec
 from qat.nn import QuantConv2d, QuantLinear
 from qat.nn.qalora import qalora_layers
 from qat.quantizers import LSQQuantizer, TemporalLSQQuantizer, UniformQuantizer
@@ -149,7 +150,18 @@ def test_build_student_copies_and_reports() -> None:
     teacher.down = nn.Module()
     teacher.down.conv_shortcut = nn.Conv2d(4, 4, 1)
     teacher.down.downsamplers = nn.ModuleList([nn.Conv2d(4, 4, 3, stride=2)])
-    student, rep = build_student(teacher, EfficientDMConfig(lora_rank=2, num_timesteps=4))
+    method = EfficientDM(EfficientDMConfig(lora_rank=2, num_timesteps=4))
+    student, text = method.build_student(teacher, "unet")
+    assert student is not teacher and method.family == "unet"  # family "auto" takes the one passed in
     assert type(teacher.body) is nn.Conv2d  # the teacher is left alone
+    assert not any(isinstance(m, (QuantConv2d, QuantLinear)) for m in teacher.modules())
+    # the report text is the PrepareReport of the same spec on a copy of the teacher
+    rep = qat.prepare(copy.deepcopy(teacher), efficientdm_spec(method.config, "unet"))
     assert rep.counts() == {"W8A8": 4, "W4A4+LoRA": 1}
     assert sorted(rep.excluded) == ["down.conv_shortcut", "down.downsamplers.0"]
+    assert text == str(rep)
+    assert "quantized: 5 {'W8A8': 4, 'W4A4+LoRA': 1}; full precision (excluded): 2" in text
+    # ... and describes the student that was built
+    assert set(qalora_layers(student)) == {"body"}
+    assert all(type(student.get_submodule(n)) in (QuantLinear, QuantConv2d) for n in SPECIAL)
+    assert type(student.down.conv_shortcut) is nn.Conv2d and type(student.down.downsamplers[0]) is nn.Conv2d

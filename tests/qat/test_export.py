@@ -31,14 +31,14 @@ from qat.export import (
     WEIGHTS_NAME,
     ExportError,
     export_quantized,
-    export_sizes,
     load_quantized,
 )
+from qat.export_card import export_sizes
 from qat.methods.efficientdm import EfficientDMConfig, efficientdm_spec
 from qat.nn import QuantConv2d, QuantLinear
 from qat.nn.qalora import qalora_layers
 from qat.prepare import LayerRule, QuantSpec
-from qat.quantizers import LSQConfig, TemporalLSQConfig, TemporalLSQQuantizer, UniformConfig
+from qat.quantizers import BinaryConfig, LSQConfig, TemporalLSQConfig, TemporalLSQQuantizer, UniformConfig
 from qat.timestep import temporal_quantizers
 
 GRID = ddim_timesteps(10)  # 901, 801, ..., 1
@@ -236,16 +236,19 @@ def test_config_json_records_the_scheme(exported) -> None:
     assert config["_class_name"] == "UNet2DConditionModel"
     assert config["block_out_channels"] == list(model_config["block_out_channels"])
     qc = config["quantization_config"]
-    assert qc["quant_method"] == "diffqat" and qc["format_version"] == 1
+    assert qc["quant_method"] == "diffqat" and qc["format_version"] == 2
+    assert "layers" not in qc and "attention" not in qc  # format 2: one "modules" section
     report = exported["report"]
-    assert set(qc["layers"]) == {r[0] for r in report.rows}
+    assert report.attention == []  # EfficientDM's spec quantizes no attention processor: layers only
+    assert set(qc["modules"]) == {r[0] for r in report.rows}
     assert qc["fp_layers"] == report.excluded
     assert qc["timestep_grid"] == sorted(GRID.tolist()) and qc["num_timesteps"] == 10
-    for name, entry in qc["layers"].items():
+    for name, entry in qc["modules"].items():
         layer = exported["loaded"].get_submodule(name)
         special = name in SPECIAL
+        assert set(entry) == {"kind", "weight", "act"}
         w, a = entry["weight"], entry["act"]
-        assert entry["module"] == ("Conv2d" if isinstance(layer, nn.Conv2d) else "Linear")
+        assert entry["kind"] == ("quant_conv2d" if isinstance(layer, nn.Conv2d) else "quant_linear")
         assert w["n_bits"] == (8 if special else exported["bits"]) and w["shape"] == list(layer.weight.shape)
         assert (w["quantizer"], w["granularity"], w["signed"], w["symmetric"], w["group_size"]) == (
             "uniform" if special else "lsq", "channel", False, False, None)
@@ -368,7 +371,10 @@ def test_packed_length_that_disagrees_with_bits_and_shape_is_rejected(damaged) -
     key = LAYER + PACKED_SUFFIX
     t[key] = t[key][:-1].clone()
     write_tensors(t)
-    with pytest.raises(ExportError, match=rf"tensor '{key}' has \d+ bytes but config.json declares n_bits=4"):
+    n = 32 * 32 * 3 * 3  # the conv's weights; 4 bits each: n / 2 bytes, one of them cut off
+    with pytest.raises(ExportError, match=rf"{WEIGHTS_NAME}: tensor '{re.escape(key)}' has {n // 2 - 1} bytes but "
+                                          rf"n_bits=4 for a weight of shape \[32, 32, 3, 3\] needs "
+                                          rf"ceil\({n} \* 4 / 8\) = {n // 2} bytes"):
         load_quantized(root)
 
 
@@ -382,7 +388,8 @@ def test_non_zero_padding_bits_are_rejected(tmp_path) -> None:
     assert t[key].numel() == 6
     t[key][-1] |= 0x80
     save_file(t, str(root / WEIGHTS_NAME))
-    with pytest.raises(ExportError, match=rf"tensor '{re.escape(key)}' \(n_bits=3, .*non-zero padding bits"):
+    with pytest.raises(ExportError, match=rf"tensor '{re.escape(key)}' non-zero padding bits after the last of 15 "
+                                          r"3-bit codes"):
         load_quantized(root, model=nn.Sequential(nn.Linear(5, 3)))
 
 
@@ -391,24 +398,25 @@ def test_wrong_bits_in_config_are_rejected(damaged) -> None:
     root, _, _, config, write_config = damaged
     original = config()
     c = copy.deepcopy(original)
-    c["quantization_config"]["layers"][LAYER]["weight"]["n_bits"] = 16  # not a supported bit-width
+    c["quantization_config"]["modules"][LAYER]["weight"]["n_bits"] = 16  # not a supported bit-width
     write_config(c)
-    with pytest.raises(ExportError, match=rf"{CONFIG_NAME}: layers\['{LAYER}'\]\.weight: declared bits n_bits=16"):
+    with pytest.raises(ExportError, match=rf"{CONFIG_NAME}: modules\['{LAYER}'\]: weight: invalid quantizer config: "
+                                          r"n_bits: must be in \[2, 8\] for lsq, got 16"):
         load_quantized(root)
     c = copy.deepcopy(original)
-    c["quantization_config"]["layers"][LAYER]["weight"]["n_bits"] = 8  # supported, but not what was packed
+    c["quantization_config"]["modules"][LAYER]["weight"]["n_bits"] = 8  # supported, but not what was packed
     write_config(c)
-    with pytest.raises(ExportError, match=rf"'{LAYER}{PACKED_SUFFIX}' has \d+ bytes but .*declares n_bits=8"):
+    with pytest.raises(ExportError, match=rf"'{LAYER}{PACKED_SUFFIX}' has \d+ bytes but n_bits=8 for a weight"):
         load_quantized(root)
     c = copy.deepcopy(original)
-    c["quantization_config"]["layers"][LAYER]["act"]["n_bits"] = "4"
+    c["quantization_config"]["modules"][LAYER]["act"]["n_bits"] = "4"
     write_config(c)
-    with pytest.raises(ExportError, match=rf"layers\['{LAYER}'\]\.act: declared bits n_bits='4'"):
+    with pytest.raises(ExportError, match=rf"modules\['{LAYER}'\]: act: declared bits n_bits='4' are not supported"):
         load_quantized(root)
     c = copy.deepcopy(original)
-    c["quantization_config"]["layers"][LAYER]["weight"]["shape"] = [1, 2, 3, 4]
+    c["quantization_config"]["modules"][LAYER]["weight"]["shape"] = [1, 2, 3, 4]
     write_config(c)
-    with pytest.raises(ExportError, match=rf"layers\['{LAYER}'\]\.weight\.shape is \[1, 2, 3, 4\]"):
+    with pytest.raises(ExportError, match=rf"modules\['{LAYER}'\]: weight\.shape is \[1, 2, 3, 4\]"):
         load_quantized(root)
 
 
@@ -444,7 +452,7 @@ def test_non_integer_zero_point_is_rejected(damaged) -> None:
     t = tensors()
     t[f"{LAYER}.weight_quantizer.zero_point"] = t[f"{LAYER}.weight_quantizer.zero_point"] + 0.25
     write_tensors(t)
-    with pytest.raises(ExportError, match=rf"tensor {LAYER}\.weight_quantizer\.zero_point must hold integers"):
+    with pytest.raises(ExportError, match=rf"tensor '{LAYER}\.weight_quantizer\.zero_point'.* must hold integers"):
         load_quantized(root)
 
 
@@ -472,7 +480,7 @@ def test_missing_or_plain_config_is_rejected(damaged) -> None:
 def test_config_naming_a_layer_the_model_lacks_is_rejected(damaged) -> None:
     root, _, _, config, write_config = damaged
     c = config()
-    c["quantization_config"]["layers"]["down_blocks.7.conv"] = c["quantization_config"]["layers"][LAYER]
+    c["quantization_config"]["modules"]["down_blocks.7.conv"] = c["quantization_config"]["modules"][LAYER]
     write_config(c)
     with pytest.raises(ExportError, match=r"quantized layer 'down_blocks\.7\.conv' does not exist"):
         load_quantized(root)
@@ -483,6 +491,55 @@ def test_missing_weights_file_is_rejected(damaged) -> None:
     root, *_ = damaged
     (root / WEIGHTS_NAME).unlink()
     with pytest.raises(FileNotFoundError, match=rf"{WEIGHTS_NAME} not found"):
+        load_quantized(root)
+
+
+# -- format version 1 ------------------------------------------------------------------------------------------------
+_V1_MODULE = {"quant_linear": "Linear", "quant_conv2d": "Conv2d"}
+
+
+def _as_format_1(qc: dict) -> dict:
+    """A format-2 ``quantization_config`` written back in the format-1 layout: ``layers`` (``{"module", "weight",
+    "act"}`` by layer name) and ``attention`` (``{q, k, v, probs}`` by Attention module name), no ``modules``."""
+    v1 = {k: v for k, v in qc.items() if k != "modules"}
+    v1["format_version"] = 1
+    v1["layers"], v1["attention"] = {}, {}
+    for name, entry in qc["modules"].items():
+        if entry["kind"] == "quant_attention":
+            assert name.endswith(".processor")
+            v1["attention"][name[: -len(".processor")]] = {p: entry[p] for p in ("q", "k", "v", "probs")}
+        else:
+            v1["layers"][name] = {"module": _V1_MODULE[entry["kind"]], "weight": entry["weight"], "act": entry["act"]}
+    return v1
+
+
+def _assert_same_state(a: nn.Module, b: nn.Module) -> None:
+    """Same module types, quantizer configs and state (every tensor bit-identical)."""
+    assert {n: type(m) for n, m in a.named_modules()} == {n: type(m) for n, m in b.named_modules()}
+    assert {n: m.config for n, m in a.named_modules() if isinstance(m, qat.Quantizer)} == {
+        n: m.config for n, m in b.named_modules() if isinstance(m, qat.Quantizer)}
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@W4
+def test_format_version_1_config_still_loads(damaged, exported) -> None:
+    root, _, _, config, write_config = damaged
+    c = config()
+    c["quantization_config"] = _as_format_1(c["quantization_config"])
+    assert c["quantization_config"]["attention"] == {} and LAYER in c["quantization_config"]["layers"]
+    write_config(c)
+    loaded = load_quantized(root)
+    _assert_same_state(loaded, exported["loaded"])
+    torch.manual_seed(7)
+    batch = exported["make_batch"](torch.tensor([350, 17]))  # interpolated timesteps: the tables are used
+    fwd = _timed(exported["forward"])
+    with torch.no_grad():
+        assert torch.equal(fwd(loaded, batch), fwd(exported["loaded"], batch))
+    # format-1 entries are checked too: an unknown layer module is named
+    c["quantization_config"]["layers"][LAYER]["module"] = "Embedding"
+    write_config(c)
+    with pytest.raises(ExportError, match=rf"quantization_config\.layers\['{LAYER}'\] must record 'module'"):
         load_quantized(root)
 
 
@@ -546,6 +603,77 @@ def test_non_diffusers_model_with_every_quantizer_kind(tmp_path) -> None:
     assert json.loads((out / CONFIG_NAME).read_text())["quantization_config"]["fp_layers"] == ["4"]
 
 
+def _binary_student() -> nn.Sequential:
+    # 135 and 315 weights: neither a multiple of 8, so each bitstream ends in a padded byte
+    return nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 3 * 3, 7))
+
+
+BINARY_SPEC = QuantSpec(rules=[LayerRule(["0", "3"], weight=BinaryConfig(num_bases=2), act=LSQConfig(n_bits=4))])
+
+
+def _hand_sign_bits(w: np.ndarray, scale: np.ndarray) -> list[np.ndarray]:
+    """Sign bits (1 where the sign is +1, sign(0) = +1) of w and of r_1 = w - s_1 sign(w), per output channel."""
+    shape = (-1,) + (1,) * (w.ndim - 1)
+    b1 = np.where(w >= 0, np.float32(1), np.float32(-1))
+    r1 = w - scale[0].reshape(shape) * b1
+    return [w >= 0, r1 >= 0]
+
+
+def test_binary_weights_export_and_reload_exactly(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = _binary_student()
+    qat.prepare(model, BINARY_SPEC)
+    x = torch.randn(6, 3, 3, 3)
+    assert qat.calibrate(model, [x], lambda m, b: m(b)) == {"weights": 2, "activations": 2}
+    model.eval()
+    out = export_quantized(model, tmp_path / "binary")
+    torch.manual_seed(99)  # a skeleton with other random weights: everything must come from the file
+    loaded = load_quantized(out, model=_binary_student())
+    assert isinstance(loaded[0].weight_quantizer, qat.BinaryQuantizer)
+    with torch.no_grad():
+        assert (model(x) - loaded(x)).abs().max().item() == 0
+        for i in (0, 3):  # the stored weight is the student's Q(W) itself
+            assert torch.equal(loaded[i].weight, model[i].weight_quantizer(model[i].weight))
+    tensors = load_file(str(out / WEIGHTS_NAME))
+    modules = json.loads((out / CONFIG_NAME).read_text())["quantization_config"]["modules"]
+    for i in (0, 3):
+        layer = model[i]
+        w = layer.weight.detach().numpy().astype(np.float32)
+        scale = layer.weight_quantizer.scale.detach().numpy()
+        assert f"{i}.weight" not in tensors
+        for key, bits in zip((f"{i}{PACKED_SUFFIX}", f"{i}{PACKED_SUFFIX}_1"), _hand_sign_bits(w, scale), strict=True):
+            packed = tensors[key]
+            assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(w.size / 8) and w.size % 8
+            np.testing.assert_array_equal(packed.numpy(), np.packbits(bits.ravel(), bitorder="little"))
+        assert torch.equal(tensors[f"{i}.weight_quantizer.scale"], layer.weight_quantizer.scale.detach())
+        entry = modules[str(i)]["weight"]
+        assert (entry["quantizer"], entry["n_bits"], entry["num_bases"], entry["shape"]) == (
+            "binary", 1, 2, list(w.shape))
+    assert not np.array_equal(*_hand_sign_bits(model[3].weight.detach().numpy(),
+                                               model[3].weight_quantizer.scale.detach().numpy()))
+    # a bitstream of the wrong length is named, basis and all
+    tensors[f"3{PACKED_SUFFIX}_1"] = tensors[f"3{PACKED_SUFFIX}_1"][:-1].clone()
+    save_file(tensors, str(out / WEIGHTS_NAME))
+    with pytest.raises(ExportError, match=rf"tensor '3{re.escape(PACKED_SUFFIX)}_1' must be 1-D uint8 with "
+                                          r"ceil\(315 / 8\) = 40 bytes for a weight of shape \[7, 45\]"):
+        load_quantized(out, model=_binary_student())
+
+
+def test_binary_export_refuses_a_weight_that_is_not_a_fixed_point(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = _binary_student()
+    qat.prepare(model, BINARY_SPEC)
+    qat.calibrate(model, [torch.randn(6, 3, 3, 3)], lambda m, b: m(b))
+    export_quantized(model, tmp_path / "ok")  # as initialised (s_2 < s_1): a fixed point
+    with torch.no_grad():
+        scale = model[0].weight_quantizer.scale
+        scale[1] = scale[0] * 1.5  # the second basis outweighs the first: Q(Q(W)) != Q(W)
+    with pytest.raises(ExportError, match=r"^0: its weight quantizer \(binary\) does not reproduce its own output "
+                                          r"\(Q\(Q\(W\)\) != Q\(W\)\)"):
+        export_quantized(model, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_quantized_attention_processors_round_trip(tmp_path) -> None:
     torch.manual_seed(0)
     model, forward, make_batch = tiny_unet()
@@ -557,12 +685,24 @@ def test_quantized_attention_processors_round_trip(tmp_path) -> None:
     model.eval()
     out = export_quantized(model, tmp_path / "attn")
     loaded = load_quantized(out)
-    recorded = json.loads((out / CONFIG_NAME).read_text())["quantization_config"]["attention"]
-    assert set(recorded) == set(report.attention)
+    recorded = json.loads((out / CONFIG_NAME).read_text())["quantization_config"]["modules"]
+    processors = {n: e for n, e in recorded.items() if e["kind"] == "quant_attention"}
+    assert set(processors) == {f"{n}.processor" for n in report.attention} and report.attention
+    assert all(set(e) == {"kind", "q", "k", "v", "probs"} for e in processors.values())
     assert all(isinstance(loaded.get_submodule(n).processor, qat.QuantAttnProcessor) for n in report.attention)
     batch = make_batch(torch.tensor([3, 700]))
     with torch.no_grad():
         assert (forward(model, batch) - forward(loaded, batch)).abs().max().item() <= 1e-6
+    # the same export written in format 1 (attention keyed by the Attention module) loads to the same model
+    config = json.loads((out / CONFIG_NAME).read_text())
+    config["quantization_config"] = _as_format_1(config["quantization_config"])
+    assert set(config["quantization_config"]["attention"]) == set(report.attention)
+    (out / CONFIG_NAME).write_text(json.dumps(config))
+    loaded_v1 = load_quantized(out)
+    assert all(isinstance(loaded_v1.get_submodule(n).processor, qat.QuantAttnProcessor) for n in report.attention)
+    _assert_same_state(loaded_v1, loaded)
+    with torch.no_grad():
+        assert torch.equal(forward(loaded_v1, batch), forward(loaded, batch))
 
 
 def test_uncalibrated_or_disabled_quantizers_are_refused(tmp_path) -> None:
@@ -572,8 +712,8 @@ def test_uncalibrated_or_disabled_quantizers_are_refused(tmp_path) -> None:
     with pytest.raises(ExportError, match=r"quantizer '0\.weight_quantizer' is not initialised"):
         export_quantized(model, tmp_path / "a")
     for q in model.modules():
-        if isinstance(q, qat.FakeQuantizer):
-            q.initialized.fill_(True)
+        if isinstance(q, qat.Quantizer):
+            q.mark_initialized()
     model[10].act_quantizer.enabled = False
     with pytest.raises(ExportError, match=r"quantizer '10\.act_quantizer' is disabled"):
         export_quantized(model, tmp_path / "b")

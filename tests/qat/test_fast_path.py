@@ -1,12 +1,14 @@
 """The fast paths (fused fake quantization, torch.compile) give the reference path's results.
 
-The reference is the composite ``round_ste`` form of every quantizer (``FakeQuantizer.fused = False``) run eagerly.
+The reference is the composite ``round_ste`` form of every quantizer run eagerly, chosen per model
+(``qat.set_fast_path(reference, fused=False)``), so the reference and the fast model live side by side.
 Tolerances: the fused backward computes ``dQ/dx`` as a mask (the composite form as ``(g s) / s``), so gradients
 agree to float32 rounding (relative 1e-4); forward values are identical.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 
 import pytest
@@ -14,21 +16,22 @@ import torch
 from qat_testutils import ddim_timesteps, tiny_unet_cond
 
 import qat
-from qat.methods.efficientdm import EfficientDMConfig, build_student
+from qat.methods.efficientdm import EfficientDM, EfficientDMConfig
 from qat.nn.layers import QuantConv2d, QuantLinear
-from qat.quantizers import FakeQuantizer
+from qat.quantizers import AffineQuantizer, Quantizer
 
 
 @pytest.fixture
 def student() -> Iterator[tuple[torch.nn.Module, object, object, torch.Tensor]]:
     torch.manual_seed(0)
     model, forward, make_batch = tiny_unet_cond()
-    student, _ = build_student(model, EfficientDMConfig(num_timesteps=10, act_init="minmax", lora_rank=4))
+    method = EfficientDM(EfficientDMConfig(num_timesteps=10, act_init="minmax", lora_rank=4))
+    student, _ = method.build_student(model, "unet")
     grid = ddim_timesteps(10)
     qat.set_timestep_grid(student, grid)
 
     def fwd(m: torch.nn.Module, batch: tuple) -> torch.Tensor:
-        with qat.timestep(student, batch[1]):
+        with qat.timestep(m, batch[1]):  # the model called (a compiled wrapper walks into its module; a copy: its own)
             return forward(m, batch)
 
     qat.calibrate(student, [make_batch(grid[torch.randint(0, 10, (4,))]) for _ in range(2)], fwd)
@@ -36,7 +39,6 @@ def student() -> Iterator[tuple[torch.nn.Module, object, object, torch.Tensor]]:
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
     yield student, fwd, make_batch, grid
-    FakeQuantizer.fused = True
 
 
 def _loss_and_grads(model: torch.nn.Module, student: torch.nn.Module, fwd, batch) -> tuple[torch.Tensor, dict]:
@@ -45,6 +47,15 @@ def _loss_and_grads(model: torch.nn.Module, student: torch.nn.Module, fwd, batch
     out.square().mean().backward()
     grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
     return out.detach(), grads
+
+
+def _reference(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` on the composite path (every affine quantizer ``fused=False``); ``model`` is untouched."""
+    ref = copy.deepcopy(model)
+    n = qat.set_fast_path(ref, fused=False)
+    assert n == len([m for m in ref.modules() if isinstance(m, Quantizer)]) > 0  # every quantizer is affine
+    assert all(m.fused for m in model.modules() if isinstance(m, AffineQuantizer))
+    return ref
 
 
 def _assert_same(a: tuple, b: tuple) -> None:
@@ -57,9 +68,11 @@ def _assert_same(a: tuple, b: tuple) -> None:
 def test_fused_student_equals_the_composite_reference(student) -> None:
     model, fwd, make_batch, grid = student
     batch = make_batch(grid[torch.tensor([0, 3, 3, 9])])  # mixed timesteps
-    FakeQuantizer.fused = False
-    ref = _loss_and_grads(model, model, fwd, batch)
-    FakeQuantizer.fused = True
+    reference = _reference(model)
+    layers = [m for m in model.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+    ref_layers = [m for m in reference.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+    assert any(m._fused_input() for m in layers) and not any(m._fused_input() for m in ref_layers)
+    ref = _loss_and_grads(reference, reference, fwd, batch)
     fused = _loss_and_grads(model, model, fwd, batch)
     assert torch.equal(fused[0], ref[0])
     _assert_same(fused, ref)
@@ -124,24 +137,34 @@ def test_regional_compilation_keeps_static_shapes(student) -> None:
     assert len(symbolic) >= 2 and not any(symbolic)  # several variants, each static
 
 
-def test_compiled_kernels_give_the_eager_student(student) -> None:
-    """``qat.ste.use_compiled_kernels``: the quantizer math through inductor (C++ here), the model eager. Forward
-    values are bit-identical; gradients agree to float32 rounding (the step-size sums may be reduced in another
-    order)."""
+def test_compiled_kernels_give_the_eager_student(student, monkeypatch) -> None:
+    """``qat.set_fast_path(model, compiled_kernels=True)``: that model's quantizer math through inductor (C++ here),
+    the model eager. Forward values are bit-identical; gradients agree to float32 rounding (the step-size sums may be
+    reduced in another order). Another model in the same process stays on the eager kernels."""
     model, fwd, make_batch, grid = student
     batch = make_batch(grid[torch.tensor([0, 3, 3, 9])])
     eager = _loss_and_grads(model, model, fwd, batch)
+    fast = copy.deepcopy(model)
+    assert qat.set_fast_path(fast, compiled_kernels=True) > 0
+    assert all(m.compiled_kernels and m.fused for m in fast.modules() if isinstance(m, AffineQuantizer))
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    qat.ste.use_compiled_kernels(True)
-    try:
-        kernels = _loss_and_grads(model, model, fwd, batch)
-    finally:
-        qat.ste.use_compiled_kernels(False)
+    kernels = _loss_and_grads(fast, fast, fwd, batch)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # the forward and the backward math compiled
     assert torch.equal(kernels[0], eager[0])
     _assert_same(kernels, eager)
-    assert _loss_and_grads(model, model, fwd, batch)[0].equal(eager[0])  # switched off again: the eager path
+    # the first model, in the same process, still runs the eager kernels: count the compiled kernels' calls
+    assert not any(m.compiled_kernels for m in model.modules() if isinstance(m, AffineQuantizer))
+    assert qat.ste._kernel("value", False) is qat.ste._fq_value
+    assert qat.ste._kernel("value", True) is not qat.ste._fq_value
+    calls: list[str] = []
+    for name, fn in list(qat.ste._COMPILED.items()):
+        monkeypatch.setitem(qat.ste._COMPILED, name, lambda *a, _n=name, _f=fn: calls.append(_n) or _f(*a))
+    again = _loss_and_grads(model, model, fwd, batch)
+    assert calls == [] and torch.equal(again[0], eager[0])
+    _assert_same(again, eager)
+    _assert_same(_loss_and_grads(fast, fast, fwd, batch), kernels)
+    assert {"value", "backward"} <= set(calls)  # while the fast model's quantizers call them
 
 
 def test_compiled_kernels_serve_every_weight_shape_with_one_graph() -> None:
@@ -149,16 +172,12 @@ def test_compiled_kernels_serve_every_weight_shape_with_one_graph() -> None:
     a graph of its own and the LDM-4 student hit the recompile limit (then ran eagerly). One graph serves them all."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    qat.ste.use_compiled_kernels(True)
-    try:
-        with torch.no_grad():
-            for rows, cols in ((8, 4), (16, 4), (6, 10), (12, 3)):
-                w = torch.nn.Parameter(torch.randn(rows, cols))
-                step, zero = torch.nn.Parameter(torch.full((rows, 1), 0.1)), torch.zeros(rows, 1)
-                out = qat.ste.fake_quantize_forward(w, step, zero, -8, 7)
-                assert torch.equal(out, qat.ste._fq_value(w, step, zero, None, -8, 7))
-    finally:
-        qat.ste.use_compiled_kernels(False)
+    with torch.no_grad():
+        for rows, cols in ((8, 4), (16, 4), (6, 10), (12, 3)):
+            w = torch.nn.Parameter(torch.randn(rows, cols))
+            step, zero = torch.nn.Parameter(torch.full((rows, 1), 0.1)), torch.zeros(rows, 1)
+            out = qat.ste.fake_quantize_forward(w, step, zero, -8, 7, compiled=True)
+            assert torch.equal(out, qat.ste._fq_value(w, step, zero, None, -8, 7))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
@@ -182,10 +201,13 @@ def test_fused_quantized_layers_equal_the_composed_form_and_keep_only_the_input(
     layer.act_quantizer.initialize_(x0)
     if kind == "temporal_linear":
         layer.act_quantizer.set_timestep_index(torch.tensor([0, 2, 1, 2]))  # per-sample steps
+    reference = copy.deepcopy(layer)
+    assert qat.set_fast_path(reference, fused=False) == 2  # the weight and the input quantizer
+    assert layer.weight_quantizer.fused and layer.act_quantizer.fused
+    assert not reference._fused_input() and layer._fused_input()
     runs = []
-    for fused in (False, True):
-        FakeQuantizer.fused = fused
-        layer.zero_grad(set_to_none=True)
+    for m in (reference, layer):  # the composite reference, then the fused layer
+        m.zero_grad(set_to_none=True)
         x = x0.clone().requires_grad_(True)
         saved: list[int] = []
 
@@ -196,11 +218,10 @@ def test_fused_quantized_layers_equal_the_composed_form_and_keep_only_the_input(
 
         with torch.autocast("cpu", torch.bfloat16, enabled=autocast), \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y = layer(x)
+            y = m(x)
         (y.float() * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
-        grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
         runs.append((y.detach().float(), x.grad.float(), grads, sum(saved)))
-    FakeQuantizer.fused = True
     (y_ref, gx_ref, g_ref, saved_ref), (y, gx, g, saved_fused) = runs
     tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-4, "atol": 1e-5}  # bf16: 8 mantissa bits
     torch.testing.assert_close(y, y_ref, **tol)
@@ -230,15 +251,14 @@ def test_the_quantized_student_keeps_about_what_its_fp_lora_step_keeps(student) 
     # quantizer intermediates). Device independent: the bytes autograd keeps for backward.
     model, fwd, make_batch, grid = student
     batch = make_batch(grid[torch.tensor([0, 3, 3, 9])])
-    quantizers = [m for m in model.modules() if isinstance(m, FakeQuantizer)]
+    quantizers = [m for m in model.modules() if isinstance(m, Quantizer)]
     for q in quantizers:
         q.enabled = False
     fp = _saved_bytes(model, fwd, batch)
     for q in quantizers:
         q.enabled = True
     fused = _saved_bytes(model, fwd, batch)
-    FakeQuantizer.fused = False
-    composite = _saved_bytes(model, fwd, batch)
+    composite = _saved_bytes(_reference(model), fwd, batch)
     assert fused <= 1.15 * fp < composite
 
 

@@ -14,7 +14,7 @@ from torch import nn
 import qat
 from qat.nn import QuantAttnProcessor, QuantConv2d, QuantLinear
 from qat.prepare import LayerRule, QuantSpec
-from qat.quantizers import LSQConfig, TemporalLSQConfig, UniformConfig
+from qat.quantizers import BinaryConfig, LSQConfig, TemporalLSQConfig, UniformConfig
 
 W4 = LSQConfig(n_bits=4, granularity="channel")
 A8 = UniformConfig(n_bits=8)
@@ -144,8 +144,35 @@ def test_to_float_round_trip(kind: str) -> None:
 
 
 def test_temporal_weight_quantizer_is_rejected() -> None:
-    with pytest.raises(ValueError, match="weights cannot use a temporal quantizer"):
+    with pytest.raises(ValueError, match=r"^fc: weights cannot use a timestep-dependent quantizer \(temporal_lsq is "
+                                         r"for activations\)$"):
         QuantLinear.from_float(nn.Linear(4, 4), TemporalLSQConfig(num_timesteps=3), None, name="fc")
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_binary_weight_quantizer_in_a_quantized_layer(kind: str) -> None:
+    """Any registered quantizer fills a slot: a binary weight gives y = f(Q_a(x), s sign(W)) + b, s = mean |W| per
+    output channel; an integer-domain (QALoRA) update needs an affine weight quantizer."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        mod, x = nn.Linear(6, 3), torch.randn(5, 6)
+    else:
+        mod, x = nn.Conv2d(3, 4, 3), torch.randn(2, 3, 5, 5)
+    qcls = QuantLinear if kind == "linear" else QuantConv2d
+    q = qcls.from_float(mod, BinaryConfig(), UniformConfig(n_bits=8), name="layer")
+    qat.calibrate(q, [x], lambda m, b: m(b))
+    w = mod.weight.detach()
+    s = w.abs().reshape(w.shape[0], -1).mean(1).reshape(-1, *(1,) * (w.dim() - 1))
+    w_q = s * torch.where(w >= 0, 1.0, -1.0)
+    torch.testing.assert_close(q.quantized_weight(), w_q, rtol=1e-6, atol=0)
+    lo, hi = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
+    s_a = (hi - lo) / 255
+    x_q = naive_fake_quant(x, torch.tensor(s_a), torch.tensor(float(round(-lo / s_a))), 0, 255)
+    ref = F.linear(x_q, w_q, mod.bias) if kind == "linear" else F.conv2d(x_q, w_q, mod.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="QALoRA.*needs an affine weight quantizer, not BinaryQuantizer"):
+        q.quantized_weight(torch.zeros_like(w))
 
 
 def test_group_size_must_divide_the_weights_per_channel() -> None:

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from qat.packing import SUPPORTED_BITS, from_unsigned, pack, packed_numel, to_unsigned, unpack
+from qat.packing import SUPPORTED_BITS, from_unsigned, pack, packed_numel, qrange, to_unsigned, unpack
 
 BITS = (1, 2, 3, 4, 8)
 LENGTHS = (1, 3, 5, 7, 13, 101, 1001)  # none a multiple of 8
@@ -145,6 +145,7 @@ def test_unpack_rejects_a_wrong_length_or_dtype() -> None:
 @pytest.mark.parametrize("signed", [False, True])
 def test_signed_codes_are_stored_offset_binary(bits: int, signed: bool) -> None:
     lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    assert qrange(bits, signed) == (lo, hi)  # the integer range of a code lives next to its storage
     q = torch.arange(lo, hi + 1).repeat(3)[:-1]  # every code, awkward length
     u = to_unsigned(q, bits, signed)
     assert u.tolist() == [int(v) - lo for v in q]  # u = q - q_min: signed codes offset by 2^(b-1)

@@ -362,6 +362,10 @@ def test_lowrank_node_applies_only_to_its_layout() -> None:
     net = make()
     base(net.conv).weight_quantizer.enabled = False
     assert net.conv._lowrank_inputs() is None
+    net, other = make(), make()
+    assert qat.set_fast_path(net, fused=False) > 0  # the composite round_ste weight quantizer: no low-rank node
+    assert all(getattr(net, n)._lowrank_inputs() is None for n in ("conv", "fc"))
+    assert all(getattr(other, n)._lowrank_inputs() is not None for n in ("conv", "fc"))  # per model, not global
     net = make()
     for branch in (net.fc.lora_A, net.fc.lora_B):  # a second adapter: delta is the sum of two products
         branch["second"] = copy.deepcopy(branch["default"])

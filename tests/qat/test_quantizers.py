@@ -1,9 +1,13 @@
-"""Uniform, LSQ, LSQ+ and temporal LSQ fake quantizers against an independent naive reference.
+"""Uniform, LSQ, LSQ+ and temporal LSQ fake quantizers against an independent naive reference; the binary
+quantizer against hand-derived values and gradients; config validation, the registry and per-model fast paths.
 
-Every quantizer is checked over signed/unsigned, symmetric/asymmetric, tensor/channel/group granularity and bits
-2..8 (invalid combinations excluded: LSQ+ needs an asymmetric scheme, temporal LSQ has no group granularity).
+Every affine quantizer is checked over signed/unsigned, symmetric/asymmetric, tensor/channel/group granularity and
+bits 2..8 (invalid combinations excluded: LSQ+ needs an asymmetric scheme, temporal LSQ has no group granularity).
 The step and zero-point are written by hand (not initialised by ``qat``), so the expected values only depend on
 the formula Q(x) = s * (clip(round(x / s) + z, q_min, q_max) - z).
+
+The binary quantizer is checked against Q(x) = sum_k s_k sign(r_k), r_0 = x, r_{k+1} = r_k - s_k sign(r_k),
+sign(0) = +1, with s_k = mean |r_k| per output channel after ``initialize_``, computed here with numpy.
 """
 
 from __future__ import annotations
@@ -15,9 +19,17 @@ import numpy as np
 import pytest
 import torch
 from qat_testutils import element_params, naive_fake_quant, param_key, qrange_ref
+from torch import nn
 
+import qat
+import qat.ste
+from qat.checks import ConfigProblems
+from qat.prepare import LayerRule, QuantSpec
 from qat.quantizers import (
     QUANTIZERS,
+    AffineQuantizer,
+    BinaryConfig,
+    BinaryQuantizer,
     LSQConfig,
     TemporalLSQConfig,
     UniformConfig,
@@ -84,7 +96,7 @@ def make_quantizer(kind: str, n_bits: int, signed: bool, symmetric: bool, granul
             step, zero = step[0], zero[0]
             q.step.copy_(step)
             q.zero_point.copy_(zero)
-    q.initialized.fill_(True)
+    q.mark_initialized()
     return q, step.clone(), zero.clone()
 
 
@@ -313,21 +325,42 @@ def test_mse_init_error_not_above_minmax(n_bits: int, granularity: str, signed: 
 @pytest.mark.parametrize(
     "make,match",
     [
-        (lambda: UniformConfig(n_bits=1), r"n_bits must be in \[2, 8\], got 1"),
-        (lambda: LSQConfig(n_bits=9), r"n_bits must be in \[2, 8\], got 9"),
-        (lambda: UniformConfig(granularity="row"), r"granularity must be one of .*'row'"),
-        (lambda: LSQConfig(granularity="group"), r"granularity 'group' needs a positive group_size"),
-        (lambda: LSQConfig(granularity="group", group_size=0), r"needs a positive group_size"),
-        (lambda: UniformConfig(granularity="channel", group_size=8), r"group_size is only valid with granularity"),
-        (lambda: LSQConfig(symmetric=True, learn_offset=True), r"learn_offset needs an asymmetric quantizer"),
-        (lambda: TemporalLSQConfig(granularity="group", group_size=4), r"granularity must be 'tensor' or 'channel'"),
-        (lambda: TemporalLSQConfig(num_timesteps=0), r"num_timesteps must be >= 1"),
-        (lambda: UniformConfig(init="percentile"), r"init must be one of"),
+        (lambda: UniformConfig(n_bits=1), r"^n_bits: must be in \[2, 8\] for uniform, got 1$"),
+        (lambda: LSQConfig(n_bits=9), r"^n_bits: must be in \[2, 8\] for lsq, got 9$"),
+        (lambda: UniformConfig(granularity="row"),
+         r"^granularity: must be one of \['tensor', 'channel', 'group'\], got 'row'$"),
+        (lambda: LSQConfig(granularity="group"), r"^group_size: granularity 'group' needs a positive group_size$"),
+        (lambda: LSQConfig(granularity="group", group_size=0),
+         r"^group_size: granularity 'group' needs a positive group_size$"),
+        (lambda: UniformConfig(granularity="channel", group_size=8),
+         r"^group_size: is only valid with granularity 'group', not 'channel'$"),
+        (lambda: LSQConfig(symmetric=True, learn_offset=True), r"^learn_offset: needs an asymmetric quantizer"),
+        (lambda: TemporalLSQConfig(granularity="group", group_size=4),
+         r"^granularity: temporal_lsq quantizes activations: granularity must be 'tensor' or 'channel'$"),
+        (lambda: TemporalLSQConfig(num_timesteps=0), r"^num_timesteps: must be >= 1, got 0$"),
+        (lambda: UniformConfig(init="percentile"), r"^init: must be one of \['minmax', 'mse'\], got 'percentile'$"),
+        (lambda: BinaryConfig(n_bits=2), r"^n_bits: must be in \[1, 1\] for binary, got 2$"),
+        (lambda: BinaryConfig(n_bits=4, num_bases=2), r"^n_bits: must be in \[1, 1\] for binary, got 4$"),
+        (lambda: BinaryConfig(num_bases=0), r"^num_bases: must be >= 1, got 0$"),
+        (lambda: BinaryConfig(granularity="group"),
+         r"^granularity: must be one of \['channel', 'tensor'\], got 'group'$"),
     ],
 )
 def test_config_validation(make, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigProblems, match=match) as info:
         make()
+    assert isinstance(info.value, ValueError) and len(info.value.problems) == 1
+
+
+def test_config_validation_reports_every_problem_at_once() -> None:
+    with pytest.raises(ConfigProblems) as info:
+        UniformConfig(n_bits=1, granularity="row", init="percentile")
+    assert [field for field, _ in info.value.problems] == ["n_bits", "granularity", "init"]
+    assert str(info.value) == ("n_bits: must be in [2, 8] for uniform, got 1; granularity: must be one of "
+                               "['tensor', 'channel', 'group'], got 'row'; init: must be one of ['minmax', 'mse'], "
+                               "got 'percentile'")
+    with pytest.raises(ConfigProblems, match=r"^n_bits: .*, got 2; num_bases: must be >= 1, got 0$"):
+        BinaryConfig(n_bits=2, num_bases=0)
 
 
 def test_quantizer_needs_channels_for_channel_granularity() -> None:
@@ -339,8 +372,186 @@ def test_registry_lookup() -> None:
     assert config_class("uniform") is UniformConfig
     assert config_class("lsq") is LSQConfig
     assert config_class("temporal_lsq") is TemporalLSQConfig
-    assert QUANTIZERS.names() == ["lsq", "temporal_lsq", "uniform"]
-    with pytest.raises(KeyError, match=r"unknown quantizer 'adaround'; known: \['lsq', 'temporal_lsq', 'uniform'\]"):
+    assert config_class("binary") is BinaryConfig
+    assert QUANTIZERS.names() == ["binary", "lsq", "temporal_lsq", "uniform"]
+    assert type(build_quantizer(BinaryConfig(), num_channels=3)) is BinaryQuantizer
+    with pytest.raises(KeyError, match=r"unknown quantizer 'adaround'; known: \['binary', 'lsq', 'temporal_lsq', "
+                                       r"'uniform'\]"):
         config_class("adaround")
     with pytest.raises(KeyError, match="known: "):
         QUANTIZERS.get("nope")
+
+
+# -- binary quantizer -------------------------------------------------------------------------------------------------
+BIN_SHAPE = (4, 3, 2, 2)  # a conv weight: one scale per output channel and basis
+
+
+def _binary(num_bases: int, granularity: str = "channel", shape: tuple[int, ...] = BIN_SHAPE,
+            learn_scale: bool = True):
+    cfg = BinaryConfig(num_bases=num_bases, granularity=granularity, learn_scale=learn_scale)
+    return build_quantizer(cfg, num_channels=shape[0], channel_axis=0)
+
+
+def _sign(a: np.ndarray) -> np.ndarray:
+    return np.where(a >= 0, 1.0, -1.0)  # sign(0) = +1
+
+
+def _binary_reference(w: np.ndarray, num_bases: int, granularity: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(scales, Q(w))`` by hand in float64: s_k = mean |r_k| (per output channel or over the tensor),
+    Q = sum_k s_k sign(r_k), r_{k+1} = r_k - s_k sign(r_k)."""
+    r = w.astype(np.float64)
+    axes = tuple(range(1, w.ndim)) if granularity == "channel" else None
+    out, scales = np.zeros_like(r), []
+    for _ in range(num_bases):
+        s = np.abs(r).mean(axis=axes, keepdims=True)
+        b = _sign(r)
+        out, r = out + s * b, r - s * b
+        scales.append(s.reshape(-1) if granularity == "channel" else s.reshape(()))
+    return np.stack(scales), out
+
+
+@pytest.mark.parametrize("granularity", ["channel", "tensor"])
+@pytest.mark.parametrize("num_bases", [1, 2])
+def test_binary_initialisation_and_forward_match_the_hand_reference(num_bases: int, granularity: str) -> None:
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(BIN_SHAPE, generator=gen) * torch.tensor([0.1, 1.0, 3.0, 0.5]).view(-1, 1, 1, 1)
+    w[0, 0, 0, 0] = 0.0  # sign(0) = +1
+    q = _binary(num_bases, granularity)
+    assert not bool(q.initialized)
+    q.initialize_(w)
+    assert bool(q.initialized)
+    exp_s, exp_q = _binary_reference(w.numpy(), num_bases, granularity)
+    assert tuple(q.scale.shape) == exp_s.shape == ((num_bases, 4) if granularity == "channel" else (num_bases,))
+    torch.testing.assert_close(q.scale.detach().double(), torch.from_numpy(exp_s), rtol=1e-6, atol=0)
+    out = q(w)
+    assert out.dtype == w.dtype and out.shape == w.shape
+    torch.testing.assert_close(out.double(), torch.from_numpy(exp_q), rtol=1e-6, atol=1e-7)
+    # at most 2^K values per channel, and the first basis carries the sign of w (s_2 < s_1)
+    for c in range(BIN_SHAPE[0]):
+        assert out[c].unique().numel() <= 2**num_bases
+    assert torch.equal(torch.sign(out), torch.where(w >= 0, 1.0, -1.0))
+    assert torch.equal(q(torch.zeros(BIN_SHAPE)) > 0, torch.ones(BIN_SHAPE, dtype=torch.bool))
+
+
+def test_binary_hand_example_maps_zero_to_plus_one_in_every_basis() -> None:
+    # row 0: mean |w| = 2; r_1 = w - 2 sign(w) = [0, 0, -2, 2] (sign(0) = +1 twice), s_2 = 1.
+    # row 1: mean |w| = 2; r_1 = [-1, -1, 1, -3], s_2 = 1.5. Every value is exact in float32.
+    w = torch.tensor([[2.0, -2.0, 0.0, 4.0], [1.0, 1.0, -1.0, -5.0]])
+    cases = {
+        1: ([[2.0, 2.0]], [[2.0, -2.0, 2.0, 2.0], [2.0, 2.0, -2.0, -2.0]]),
+        2: ([[2.0, 2.0], [1.0, 1.5]], [[3.0, -1.0, 1.0, 3.0], [0.5, 0.5, -0.5, -3.5]]),
+    }
+    for num_bases, (scales, expected) in cases.items():
+        q = _binary(num_bases, shape=(2, 4))
+        q.initialize_(w)
+        assert torch.equal(q.scale.detach(), torch.tensor(scales))
+        assert torch.equal(q(w), torch.tensor(expected))
+
+
+@pytest.mark.parametrize("num_bases", [1, 2])
+def test_binary_gradients_match_the_hand_derivation(num_bases: int) -> None:
+    """Clipped STE (d sign(r) / dr = [|r| <= 1]) through Q = s_1 b_1 + s_2 b_2, b_1 = sign(w), b_2 = sign(r_1):
+
+    dQ/dw = s_1 [|w| <= 1] + s_2 [|r_1| <= 1] (1 - s_1 [|w| <= 1]),
+    dQ/ds_1 = sign(w) (1 - s_2 [|r_1| <= 1]),  dQ/ds_2 = sign(r_1)   (K = 1: s_1 [|w| <= 1] and sign(w)),
+    the scale gradients summed over each output channel.
+    """
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(BIN_SHAPE, generator=gen) * 1.5  # |w| > 1 and |r_1| > 1 both occur
+    upstream = torch.randn(BIN_SHAPE, generator=gen)
+    q = _binary(num_bases)
+    q.initialize_(w)
+    x = w.clone().requires_grad_(True)
+    (q(x) * upstream).sum().backward()
+
+    wn, g = w.double().numpy(), upstream.double().numpy()
+    s = q.scale.detach().double().numpy()
+    s1 = s[0].reshape(-1, 1, 1, 1)
+    b1, m1 = _sign(wn), (np.abs(wn) <= 1).astype(np.float64)
+    assert 0 < m1.sum() < m1.size
+    if num_bases == 1:
+        dx, ds = s1 * m1, [b1]
+    else:
+        s2 = s[1].reshape(-1, 1, 1, 1)
+        r1 = wn - s1 * b1
+        b2, m2 = _sign(r1), (np.abs(r1) <= 1).astype(np.float64)
+        assert 0 < m2.sum() < m2.size and (b2 != b1).any()
+        dx = s1 * m1 + s2 * m2 * (1 - s1 * m1)
+        ds = [b1 * (1 - s2 * m2), b2]
+    torch.testing.assert_close(x.grad.double(), torch.from_numpy(g * dx), rtol=1e-5, atol=1e-6)
+    expected = np.stack([(g * d).reshape(BIN_SHAPE[0], -1).sum(axis=1) for d in ds])
+    torch.testing.assert_close(q.scale.grad.double(), torch.from_numpy(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_binary_fixed_scales_are_buffers() -> None:
+    w = torch.randn(BIN_SHAPE, generator=torch.Generator().manual_seed(6))
+    learned, fixed = _binary(2), _binary(2, learn_scale=False)
+    learned.initialize_(w)
+    fixed.initialize_(w)
+    assert isinstance(learned.scale, nn.Parameter) and [n for n, _ in learned.named_parameters()] == ["scale"]
+    assert not isinstance(fixed.scale, nn.Parameter) and list(fixed.parameters()) == []
+    assert {"scale", "initialized"} == set(fixed.state_dict()) == set(learned.state_dict())
+    assert torch.equal(fixed.scale, learned.scale.detach()) and torch.equal(fixed(w), learned(w).detach())
+
+
+def test_binary_needs_initialisation_channels_and_is_identity_when_disabled() -> None:
+    q = _binary(2)
+    x = torch.randn(BIN_SHAPE) * 10
+    with pytest.raises(RuntimeError, match="BinaryQuantizer is enabled but not initialised"):
+        q(x)
+    q.enabled = False
+    assert torch.equal(q(x), x)
+    with pytest.raises(ValueError, match="binary quantizer with granularity 'channel' needs num_channels"):
+        build_quantizer(BinaryConfig())
+
+
+# -- fast paths are chosen per model ----------------------------------------------------------------------------------
+def _fast_path_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 2))
+    qat.prepare(model, QuantSpec(rules=[
+        LayerRule(["0", "2"], weight=LSQConfig(n_bits=4, granularity="channel"), act=UniformConfig(n_bits=8)),
+        LayerRule(["4"], weight=BinaryConfig(), act=LSQConfig(n_bits=4)),  # a binary quantizer is not affine
+    ]))
+    qat.calibrate(model, [torch.randn(8, 6, generator=torch.Generator().manual_seed(1))], lambda m, b: m(b))
+    return model.eval()
+
+
+def _affine(model: nn.Module) -> list[AffineQuantizer]:
+    return [m for m in model.modules() if isinstance(m, AffineQuantizer)]
+
+
+def test_set_fast_path_sets_one_model_and_leaves_another_untouched(monkeypatch) -> None:
+    a, b = _fast_path_model(), _fast_path_model()
+    assert len(_affine(a)) == len(_affine(b)) == 5
+    assert all(q.fused and not q.compiled_kernels for q in _affine(a) + _affine(b))  # the defaults
+    assert qat.set_fast_path(a, fused=False, compiled_kernels=True) == 5
+    assert all(not q.fused and q.compiled_kernels for q in _affine(a))
+    assert all(q.fused and not q.compiled_kernels for q in _affine(b))  # no process-wide state
+    assert not hasattr(b[4].weight_quantizer, "fused")
+
+    # each call reads its own quantizers' choice; the spy runs the eager math (no compilation in a unit test)
+    calls: list[bool] = []
+    eager = qat.ste._kernel
+
+    def spy(name: str, compiled: bool = False):
+        calls.append(compiled)
+        return eager(name, False)
+
+    monkeypatch.setattr(qat.ste, "_kernel", spy)
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = b(x)
+        assert calls and not any(calls)  # b: fused, eager kernels
+        calls.clear()
+        composite = a(x)
+        assert calls == []  # a: fused=False, the composite round_ste path calls no kernel
+        assert qat.set_fast_path(a, fused=True) == 5  # None leaves compiled_kernels as it was
+        assert all(q.fused and q.compiled_kernels for q in _affine(a))
+        fused = a(x)
+        assert calls and all(calls)  # a: fused, compiled kernels requested
+        calls.clear()
+        assert torch.equal(b(x), ref) and calls and not any(calls)  # b still unchanged
+    assert torch.equal(fused, ref)  # same weights, same (eager) math
+    torch.testing.assert_close(composite, ref, rtol=1e-6, atol=1e-6)
+    assert qat.set_fast_path(nn.Sequential(nn.Linear(2, 2)), fused=False) == 0

@@ -177,6 +177,35 @@ def test_sum_to_reduces_inner_rows_first(monkeypatch) -> None:
     assert calls == []  # eagerly: sum_to_size alone, no extra kernel
 
 
+def test_compiled_choice_is_per_call_and_reaches_both_passes(monkeypatch) -> None:
+    """No process-wide switch: ``compiled=`` of each call selects the kernels of its forward and its backward."""
+    import qat.ste as ste
+
+    assert ste._kernel("value") is ste._fq_value and ste._kernel("backward", compiled=False) is ste._fq_backward
+    calls: list[tuple[str, bool]] = []
+    eager = ste._kernel
+
+    def spy(name: str, compiled: bool = False):
+        calls.append((name, compiled))
+        return eager(name, False)  # the eager math either way: nothing is compiled in a unit test
+
+    monkeypatch.setattr(ste, "_kernel", spy)
+    torch.manual_seed(0)
+    x0 = torch.randn(3, 4) * 2
+    for compiled in (False, True, False):
+        calls.clear()
+        x, s, z = x0.clone().requires_grad_(True), torch.tensor(0.3, requires_grad=True), torch.tensor(7.4)
+        out = ste.fake_quantize_ste(x, s, z, 0, 15, compiled=compiled)
+        out.sum().backward()
+        assert calls == [("value", compiled), ("backward", compiled)]
+        assert torch.equal(out, _composite(x0, torch.tensor(0.3), z, 0, 15))
+    calls.clear()
+    ste.fake_quantize_forward(x0, torch.tensor(0.3), torch.tensor(7.4), 0, 15, compiled=True)
+    ste.fake_quantize_backward(torch.ones_like(x0), x0, torch.tensor(0.3), torch.tensor(7.4), None, 0, 15,
+                               compiled=True)
+    assert calls == [("value", True), ("backward", True)]
+
+
 # -- fake_quantize_lowrank_ste: QALoRA's weight node must equal fake_quantize_ste of w with delta = scaling B A -----
 
 

@@ -12,7 +12,7 @@ from torch import nn
 import qat
 from qat.methods.efficientdm import EfficientDMConfig, efficientdm_spec
 from qat.quantizers import TemporalLSQConfig, TemporalLSQQuantizer, grid_position
-from qat.timestep import temporal_quantizers
+from qat.timestep import TimestepAware, TimestepCall, temporal_quantizers
 
 
 def make_temporal(num_timesteps: int = 5, granularity: str = "tensor", channels: int = 3, channel_axis: int = 1,
@@ -285,6 +285,96 @@ def test_attach_timestep_hook_sets_rows_from_the_forward_call(hooked_unet) -> No
     assert torch.equal(out_kw, out_row9)
     assert not torch.equal(out_row0, out_row9)
     assert torch.equal(out_mixed, out_mixed_ref)
+
+
+class TimestepScale(nn.Module):
+    """Not a quantizer: scales its input by a factor looked up per timestep value (the :class:`TimestepAware`
+    protocol only; no table grid, no ``set_timestep_index``)."""
+
+    def __init__(self, table: dict[int, float]) -> None:
+        super().__init__()
+        self.table = table
+        self.scale: torch.Tensor | None = None
+        self.calls: list[TimestepCall | None] = []
+
+    def set_timestep(self, t: torch.Tensor, call: TimestepCall | None = None) -> None:
+        self.calls.append(call)
+        t = torch.as_tensor(t)
+        self.scale = torch.tensor([self.table[int(v)] for v in t.flatten().tolist()]).reshape(t.shape)
+
+    def clear_timestep(self) -> None:
+        self.scale = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale is None:
+            raise RuntimeError("TimestepScale: no timestep set")
+        return x * self.scale.view(-1, *([1] * (x.dim() - 1))) if self.scale.dim() else x * self.scale
+
+
+class _ScaledDenoiser(nn.Module):
+    """``model(sample, timestep)``: a linear layer, the custom timestep-aware scale, a temporal quantizer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.scale = TimestepScale({1: 0.5, 11: 2.0, 21: -3.0})
+        self.quant = make_temporal(3, channels=4, channel_axis=-1, seed=4)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int) -> torch.Tensor:
+        return self.quant(self.scale(self.lin(sample)))
+
+
+def test_a_custom_timestep_aware_module_gets_the_timestep_like_the_quantizers() -> None:
+    """The helpers find timestep-aware modules by protocol, not by class: a module that only implements
+    ``set_timestep`` / ``clear_timestep`` receives the timestep from ``qat.timestep`` and from the forward hook."""
+    torch.manual_seed(0)
+    model = _ScaledDenoiser()
+    qat.set_timestep_grid(model, [21, 1, 11])  # the quantizer's rows: 1, 11, 21 (the custom module has no grid)
+    assert isinstance(model.scale, TimestepAware) and not isinstance(model.lin, TimestepAware)
+    found = qat.timestep_modules(model)
+    assert len(found) == 2 and found[0] is model.scale and found[1] is model.quant  # module order
+    tq = temporal_quantizers(model)
+    assert len(tq) == 1 and tq[0] is model.quant  # only modules with a table grid
+    ref_quant = copy.deepcopy(model.quant)
+    x = torch.randn(2, 3, 4)
+
+    def expected(scales: list[float], rows: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            y = model.lin(x) * torch.tensor(scales).view(-1, 1, 1)
+            ref_quant.set_timestep_index(torch.tensor(rows))
+            return ref_quant(y)
+
+    with torch.no_grad():
+        with qat.timestep(model, 11):
+            out_11 = model(x, 11)
+            call = model.scale.calls[-1]
+            assert isinstance(call, TimestepCall) and not call.reuse and torch.equal(call.t, torch.tensor(11))
+        with pytest.raises(RuntimeError, match="no timestep set"):
+            model(x, 11)
+        assert model.scale.scale is None  # cleared on the way out
+        with qat.timestep(model, torch.tensor([1, 21]), reuse=True):
+            out_mixed = model(x, torch.tensor([1, 21]))
+            assert model.scale.calls[-1].reuse and torch.equal(model.scale.calls[-1].t, torch.tensor([1, 21]))
+        assert model.scale.scale is None
+        assert torch.equal(out_11, expected([2.0, 2.0], [1, 1]))
+        assert torch.equal(out_mixed, expected([0.5, -3.0], [0, 2]))
+        assert not torch.equal(out_11, expected([2.0, 2.0], [0, 0]))  # the row does matter
+
+        n_calls = len(model.scale.calls)
+        handle = qat.attach_timestep_hook(model)
+        try:
+            out_pos = model(x, 21)  # positional timestep
+            out_kw = model(x, timestep=torch.tensor([11, 1]))  # keyword timestep, per sample
+        finally:
+            handle.remove()
+        assert len(model.scale.calls) == n_calls + 2 and isinstance(model.scale.calls[-1], TimestepCall)
+        assert torch.equal(out_pos, expected([-3.0, -3.0], [2, 2]))
+        assert torch.equal(out_kw, expected([2.0, 0.5], [1, 0]))
+        qat.clear_timestep(model)
+        assert model.scale.scale is None
+        with pytest.raises(RuntimeError, match="no timestep set"):
+            model(x, 21)  # the hook is gone
+        assert len(model.scale.calls) == n_calls + 2
 
 
 def test_adam_momentum_keeps_moving_rows_not_visited_in_a_step() -> None:

@@ -14,11 +14,11 @@ from qat.timestep import temporal_quantizers
 from tests.train.conftest import fast_overrides
 from train.cli import build_student, calibrate_student, main
 from train.config import ConfigError, load_config
-from train.data.trajectories import sample
 from train.eval.cli import main as evaluate_main
 from train.eval.evaluate import DistributionScorer, SampleSet, fidelity, generate, merge_samples, shard_indices
 from train.eval.report import write_report
-from train.models.pipeline import SCHEDULER_ALIASES, QATDiffusionPipeline, load_adm_npz, sample_seeds, save_adm_npz
+from train.models.pipeline import QATDiffusionPipeline, load_adm_npz, sample_seeds, save_adm_npz
+from train.models.schedulers import SCHEDULER_ALIASES
 from train.models.teacher import load_teacher
 
 
@@ -37,11 +37,14 @@ def setup(tiny_teacher: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_pipeline_ddim_matches_the_training_sampler(setup) -> None:
-    """The diffusers pipeline (DDIM, eta 0, CFG) and the independent loop of train.data.trajectories agree."""
+    """The diffusers pipeline call (DDIM by name, eta 0, CFG through its own conditioning) and the trajectories'
+    sampler (the teacher's DDIM grid and contexts in the pipeline's loop) agree."""
     _, teacher, student = setup
     labels, noise, _ = sample_seeds([0, 1, 2], teacher.num_classes, 5, teacher.sample_shape)
     for model in (teacher.unet, student):
-        ref, _ = sample(model, teacher, labels, noise, num_steps=6, guidance=1.5)
+        cond, uncond = teacher.contexts(labels)
+        ref = QATDiffusionPipeline.from_teacher(teacher, unet=model, scheduler=teacher.ddim(6)).denoise_loop(
+            noise, cond, uncond, 1.5)
         pipe = QATDiffusionPipeline.from_teacher(teacher, unet=model, scheduler="ddim")
         pipe.set_progress_bar_config(disable=True)
         out = pipe(noise, labels, num_inference_steps=6, guidance_scale=1.5).images

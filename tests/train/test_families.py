@@ -20,16 +20,16 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 import qat
-from qat.methods.efficientdm import FAMILY_RULES, EfficientDMConfig, efficientdm_spec
+from qat.families import FAMILY_RULES
+from qat.methods.efficientdm import EfficientDMConfig, efficientdm_spec
 from qat.prepare import match
 from tests.train.conftest import fast_overrides
 from tests.train.family_fixtures import FAMILY_CASES, PROMPTS, TINY_MODELS, make_pixart, make_sd, make_wan
 from train.cli import build_student, main
 from train.config import CONFIG_DIR, ConfigError, load_config
-from train.data.trajectories import flow_step, sample
 from train.eval.evaluate import generate
 from train.models.families import FAMILIES, denoise, family_for_class, family_of, get_family, set_family
-from train.models.pipeline import QATDiffusionPipeline, make_scheduler, sample_seeds
+from train.models.pipeline import QATDiffusionPipeline, flow_step, make_scheduler, sample_seeds
 from train.models.teacher import load_teacher
 
 
@@ -69,10 +69,12 @@ SPECIAL = {
                   "proj_out"},
     "wan": {f"condition_embedder.{e}_embedder.linear_{i}" for e in ("time", "text") for i in (1, 2)} | {"proj_out"},
 }
-EXCLUDED = {
-    "unet": {"down_blocks.0.downsamplers.0.conv", "down_blocks.1.resnets.0.conv_shortcut"}
+SHORTCUTS = {
+    "unet": {"down_blocks.1.resnets.0.conv_shortcut"}
     | {f"up_blocks.{b}.resnets.{r}.conv_shortcut" for b in (0, 1) for r in (0, 1)},
 }
+DOWNSAMPLERS = {"unet": {"down_blocks.0.downsamplers.0.conv"}}
+EXCLUDED = {f: SHORTCUTS.get(f, set()) | DOWNSAMPLERS.get(f, set()) for f in ("unet",)}
 MODULATION = {
     "unet": {"down_blocks.0.resnets.0.time_emb_proj", "down_blocks.1.resnets.0.time_emb_proj",
              "mid_block.resnets.0.time_emb_proj", "mid_block.resnets.1.time_emb_proj"}
@@ -90,8 +92,11 @@ def test_rules_quantize_the_intended_layers(family: str) -> None:
     modules = dict(model.named_modules())
     layers = {n for n, m in modules.items() if type(m) in (nn.Linear, nn.Conv2d)}
     rules = FAMILY_RULES[family]
-    for pattern in rules.special + rules.exclude + rules.modulation:  # no dead pattern
+    for pattern in rules.edges + rules.shortcuts + rules.downsamplers + rules.modulation:  # no dead pattern
         assert any(match(n, pattern) for n in modules if n), pattern
+    assert {n for n in layers if any(match(n, p) for p in rules.shortcuts)} == SHORTCUTS.get(family, set())
+    assert {n for n in layers if any(match(n, p) for p in rules.downsamplers)} == DOWNSAMPLERS.get(
+        family, set())
     assert {n for n in modules if n and any(match(n, p) for p in rules.modulation)} == MODULATION[family]
 
     report = qat.prepare(model, efficientdm_spec(EfficientDMConfig(family=family, num_timesteps=4, lora_rank=2)))
@@ -297,7 +302,9 @@ def test_family_end_to_end(family: str, tmp_path: Path) -> None:
     assert torch.isfinite(s_student.images).all()
     torch.testing.assert_close(s_loaded.images, s_student.images, atol=1e-5, rtol=0)
     labels, noise, _ = sample_seeds([0, 1], teacher.num_classes, 5, teacher.sample_shape)
-    ref, _ = sample(student, teacher, labels, noise, num_steps=3, guidance=guidance)
+    cond, uncond = teacher.contexts(labels)
+    ref = QATDiffusionPipeline.from_teacher(teacher, unet=student, scheduler=teacher.ddim(3)).denoise_loop(
+        noise, cond, uncond, guidance)
     pipe = QATDiffusionPipeline.from_teacher(teacher, unet=student, scheduler=TRAJECTORY_SAMPLER.get(family, "ddim"))
     pipe.set_progress_bar_config(disable=True)
     torch.testing.assert_close(pipe(noise, labels, num_inference_steps=3, guidance_scale=guidance).images, ref,

@@ -247,8 +247,8 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tiny_tea
     original = DistillQATSystem.student_loss
 
     def nan_at_step_3(self: DistillQATSystem, batch: object):
-        loss, per = original(self, batch)
-        return (loss * float("nan"), per) if self.global_step == 3 else (loss, per)
+        loss, per, terms = original(self, batch)
+        return (loss * float("nan"), per, terms) if self.global_step == 3 else (loss, per, terms)
 
     monkeypatch.setattr(DistillQATSystem, "student_loss", nan_at_step_3)
     with pytest.raises(FloatingPointError, match=r"non-finite gradient norm nan \(loss here nan\) at global step 3"):
@@ -266,8 +266,8 @@ from train.system import DistillQATSystem
 original = DistillQATSystem.student_loss
 
 def nan_on_rank_1_at_step_3(self, batch):
-    loss, per = original(self, batch)
-    return (loss * float("nan"), per) if self.global_step == 3 and self.global_rank == 1 else (loss, per)
+    loss, per, terms = original(self, batch)
+    return (loss * float("nan"), per, terms) if self.global_step == 3 and self.global_rank == 1 else (loss, per, terms)
 
 DistillQATSystem.student_loss = nan_on_rank_1_at_step_3
 main(sys.argv[1:])

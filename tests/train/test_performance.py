@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors.torch import load_file
 
-from qat.quantizers import FakeQuantizer
+from qat.quantizers import AffineQuantizer
 from tests.train.conftest import fast_overrides
 from train.cli import main
 
@@ -19,6 +20,24 @@ def _relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     return diff / sum(float(a[k].double().pow(2).sum()) for k in keys) ** 0.5
 
 
+def _quantized_model() -> torch.nn.Module:
+    """Two quantized layers (four affine quantizers, one of them temporal), on the default paths."""
+    from qat.nn import QuantConv2d, QuantLinear
+    from qat.quantizers import LSQConfig, TemporalLSQConfig
+
+    wcfg = LSQConfig(n_bits=4, granularity="channel")
+    return torch.nn.Sequential(
+        QuantConv2d.from_float(torch.nn.Conv2d(3, 4, 3), wcfg, LSQConfig(n_bits=4, learn_offset=True)),
+        QuantLinear.from_float(torch.nn.Linear(4, 4), wcfg, TemporalLSQConfig(n_bits=4, num_timesteps=3)))
+
+
+def _paths(model: torch.nn.Module) -> set[tuple[bool, bool]]:
+    """The ``(fused, compiled_kernels)`` pairs of the affine quantizers of ``model`` (one pair: all alike)."""
+    quantizers = [m for m in model.modules() if isinstance(m, AffineQuantizer)]
+    assert len(quantizers) == 4
+    return {(q.fused, q.compiled_kernels) for q in quantizers}
+
+
 def test_compiled_fused_training_equals_the_eager_composite_reference(tiny_teacher: Path, tmp_path: Path) -> None:
     common = ["config=efficientdm_digits.yaml", "export=false"]
     try:
@@ -27,7 +46,6 @@ def test_compiled_fused_training_equals_the_eager_composite_reference(tiny_teach
         fast = main([*common, *fast_overrides(tiny_teacher, tmp_path / "fast", steps=3),
                      "performance.compile=true", "performance.compile_backend=aot_eager"])
     finally:
-        FakeQuantizer.fused = True
         torch._dynamo.reset()
     a = load_file(str(ref / "student" / "student.safetensors"))
     b = load_file(str(fast / "student" / "student.safetensors"))
@@ -37,28 +55,32 @@ def test_compiled_fused_training_equals_the_eager_composite_reference(tiny_teach
 
 
 def test_performance_keys_switch_the_quantizer_paths() -> None:
-    """``performance.fused_fake_quant`` / ``compile_kernels`` reach the quantizers (process-wide switches)."""
+    """``performance.fused_fake_quant`` / ``compile_kernels`` reach the student's quantizers, and only those (per
+    model, no process-wide switch: the teacher and any other model keep their own)."""
     import qat
     from train.cli import apply_performance
     from train.config import load_config
 
-    try:
-        cfg = load_config(["config=efficientdm_digits.yaml", "performance.fused_fake_quant=false",
-                           "performance.compile_kernels=true"])
-        apply_performance(cfg, torch.nn.Identity(), teacher=None)
-        assert FakeQuantizer.fused is False and qat.ste._kernel("value") is not qat.ste._fq_value
-        apply_performance(load_config(["config=efficientdm_digits.yaml"]), torch.nn.Identity(), teacher=None)
-        assert FakeQuantizer.fused is True and qat.ste._kernel("value") is qat.ste._fq_value
-    finally:
-        FakeQuantizer.fused = True
-        qat.ste.use_compiled_kernels(False)
+    student, other = _quantized_model(), _quantized_model()
+    teacher = SimpleNamespace(unet=_quantized_model())  # quantizers in the teacher too: must stay untouched
+    cfg = load_config(["config=efficientdm_digits.yaml", "performance.fused_fake_quant=false",
+                       "performance.compile_kernels=true"])
+    apply_performance(cfg, student, teacher)
+    assert _paths(student) == {(False, True)}
+    assert _paths(other) == _paths(teacher.unet) == {(True, False)}
+    assert not student[0]._fused_input() and other[0]._fused_input()  # the layers follow their quantizers
+    q = student[0].act_quantizer
+    assert qat.ste._kernel("value", q.compiled_kernels) is not qat.ste._fq_value
+    assert qat.ste._kernel("value", False) is qat.ste._fq_value  # the eager kernels still serve the other models
+    apply_performance(load_config(["config=efficientdm_digits.yaml"]), student, teacher)
+    assert _paths(student) == _paths(other) == _paths(teacher.unet) == {(True, False)}
+    assert student[0]._fused_input() and qat.ste._kernel("value", q.compiled_kernels) is qat.ste._fq_value
 
 
 def test_compiled_kernels_follow_compile_blocks_unless_set(monkeypatch) -> None:
     """Unset, ``performance.compile_kernels`` is on exactly when the student is compiled by blocks with CUDA graphs
     (its quantized layers outside the blocks, ``conv_in``, the time embedding and ``conv_out``, stay eager there and
-    cost GPU time); set, it wins."""
-    import qat
+    cost GPU time); set, it wins. It is set on the student's quantizers only."""
     import train.cli as cli
     from train.config import load_config
 
@@ -68,22 +90,19 @@ def test_compiled_kernels_follow_compile_blocks_unless_set(monkeypatch) -> None:
     cases = [((), False), ((blocks, graphs), True), ((blocks,), False), ((graphs,), False),
              ((blocks, graphs, "performance.compile_kernels=false"), False),
              (("performance.compile_kernels=true",), True)]
-    try:
-        for overrides, on in cases:
-            cfg = load_config(["config=efficientdm_digits.yaml", "performance.compile=true",
-                               "performance.compile_teacher=false", *overrides])
-            cli.apply_performance(cfg, torch.nn.Identity(), teacher=None)
-            assert (qat.ste._kernel("value") is not qat.ste._fq_value) is on, overrides
-        cli.apply_performance(load_config(["config=efficientdm_digits.yaml"]), torch.nn.Identity(), teacher=None)
-        assert qat.ste._kernel("value") is qat.ste._fq_value  # nothing compiled: eager kernels
-    finally:
-        qat.ste.use_compiled_kernels(False)
+    student, other = _quantized_model(), _quantized_model()
+    for overrides, on in cases:
+        cfg = load_config(["config=efficientdm_digits.yaml", "performance.compile=true",
+                           "performance.compile_teacher=false", *overrides])
+        cli.apply_performance(cfg, student, teacher=None)
+        assert _paths(student) == {(True, on)}, overrides
+        assert _paths(other) == {(True, False)}, overrides  # another model in the process: untouched
+    cli.apply_performance(load_config(["config=efficientdm_digits.yaml"]), student, teacher=None)
+    assert _paths(student) == {(True, False)}  # nothing compiled: eager kernels
 
 
 def test_the_teacher_compiles_alone_when_asked() -> None:
     """``compile_teacher`` follows ``compile`` unless set."""
-    from types import SimpleNamespace
-
     from train.cli import apply_performance
     from train.config import load_config
 

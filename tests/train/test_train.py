@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
 
 from tests.train.conftest import fast_overrides
 from train.cli import build_student, calibrate_student, main
@@ -75,7 +76,7 @@ def test_missing_teacher_weights_say_what_to_put_where(tmp_path: Path) -> None:
 def test_training_reduces_the_loss_in_both_modes(mode: str, tiny_teacher: Path, tmp_path: Path) -> None:
     run = main(["config=efficientdm_digits.yaml", *fast_overrides(tiny_teacher, tmp_path / mode, steps=16),
                 f"trajectories.mode={mode}", "monitor.checkpoint_every_n_steps=100", "eval.enabled=true",
-                "optim.lora_lr=0.02", "optim.act_scale_aware=false", "optim.act_step_lr=1e-3"])
+                "efficientdm.lora_lr=0.02", "efficientdm.act_scale_aware=false", "efficientdm.act_step_lr=1e-3"])
     variants = json.loads((run / "report.json").read_text())["variants"]
     assert variants["qat"]["eps_mse"] < variants["ptq"]["eps_mse"]
     if mode == "cached":
@@ -244,7 +245,7 @@ def test_student_reloads_from_saved_safetensors(tiny_teacher: Path, tmp_path: Pa
 @pytest.mark.parametrize(
     "extra",
     [
-        ["teacher.dtype=bf16", "trainer.precision=bf16-mixed", "trajectories.loss_target=branches"],
+        ["teacher.dtype=bf16", "trainer.precision=bf16-mixed", "losses.output_mse.target=branches"],
         ["trajectories.mode=cached", "trainer.gradient_clip_val=0.5", "calibration.per_timestep=true"],
     ],
     ids=["bf16-branches", "cached-clip-per-timestep"],
@@ -259,21 +260,24 @@ def test_precision_loss_and_data_variants_train(extra: list[str], tiny_teacher: 
 
 def test_student_with_bf16_parameters_takes_the_fp32_batch(tiny_teacher: Path) -> None:
     """DeepSpeed's bf16 casts the parameters themselves (no autocast): the fp32 trajectory batch must follow."""
-    from train.config import OptimConfig
+    from qat.losses import build_loss
+    from train.config import OptimConfig, build_method
     from train.data.trajectories import OnlineTrajectories
 
     cfg = load_config(["config=efficientdm_digits.yaml", f"teacher.path={tiny_teacher}", "efficientdm.num_timesteps=4",
                        "trajectories.num_steps=4", "calibration.num_trajectories=2", "calibration.num_steps=4",
                        "calibration.max_batches=2"])
     teacher = load_teacher(cfg.teacher)
-    student, _ = build_student(cfg, teacher)
-    calibrate_student(cfg, student, teacher, "cpu")
+    method = build_method(cfg)
+    student, _ = build_student(cfg, teacher, method)
+    calibrate_student(cfg, student, teacher, "cpu", method)
     data = OnlineTrajectories(teacher, 4, 1.0, 1.5, 2, 0)
     batch = data.next_batch("cpu")
-    system = DistillQATSystem(teacher, student, data, OptimConfig(), guidance=1.5)
-    ref, _ = system.student_loss(batch)
+    system = DistillQATSystem(teacher, student, method, data, OptimConfig(), guidance=1.5,
+                              losses=[build_loss(c) for c in cfg.loss_configs])
+    ref, _, _ = system.student_loss(batch)
     student.to(torch.bfloat16)
-    loss, per = system.student_loss(batch)
+    loss, per, _ = system.student_loss(batch)
     assert batch.x.dtype == torch.float32 and per.dtype == torch.float32
     # bf16 rounds the quantizer steps and adapters (~0.4%), which moves some 4-bit rounding decisions: the loss
     # (itself the quantization error) stays within a quarter of the fp32 one (measured: 12%)
@@ -298,3 +302,169 @@ def test_prompt_embedding_conditioning(tiny_teacher: Path, tmp_path: Path) -> No
     save_file({"prompt_embeds": torch.randn(5, 3, 8)}, str(embeds))
     with pytest.raises(ValueError, match=r"missing tensors \['negative_prompt_embeds'\]"):
         load_teacher(cfg.teacher)
+
+
+class _CallCounter(nn.Module):
+    """A :class:`qat.sampling.SamplingStateful` stand-in: shifts the features it sees by an amount that grows with
+    the model calls since its last reset, so a sampling call that skipped the reset would give other images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.resets = 0
+
+    def reset_sampling_state(self) -> None:
+        self.calls = 0
+        self.resets += 1
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return h + 0.05 * self.calls
+
+
+def _calibrated_student(tiny_teacher: Path, steps: int = 4):
+    cfg = load_config(["config=efficientdm_digits.yaml", f"teacher.path={tiny_teacher}",
+                       f"efficientdm.num_timesteps={steps}", f"trajectories.num_steps={steps}",
+                       "calibration.num_trajectories=2", f"calibration.num_steps={steps}",
+                       "calibration.max_batches=2"])
+    teacher = load_teacher(cfg.teacher)
+    student, _ = build_student(cfg, teacher)
+    calibrate_student(cfg, student, teacher, "cpu")
+    return teacher, student.eval()
+
+
+def test_sampling_is_reproducible_and_resets_stateful_modules(tiny_teacher: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import train.models.pipeline as pipeline_module
+    from qat.sampling import SamplingStateful, sampling_state_modules
+    from train.eval.evaluate import generate
+    from train.models.pipeline import QATDiffusionPipeline, sample_seeds
+
+    teacher, student = _calibrated_student(tiny_teacher)
+    counter = _CallCounter()
+    student.add_module("call_counter", counter)  # part of the student: the samplers find it
+    student.conv_in.register_forward_hook(lambda module, args, out: counter(out))
+    assert isinstance(counter, SamplingStateful) and sampling_state_modules(student) == [counter]
+
+    steps, guidance = 4, 1.5
+    pipe = QATDiffusionPipeline.from_teacher(teacher, unet=student, scheduler="ddim")
+    pipe.set_progress_bar_config(disable=True)
+
+    def pipeline_images() -> torch.Tensor:
+        labels, noise, gens = sample_seeds([0, 1, 2], teacher.num_classes, 11, teacher.sample_shape)
+        # eta 1: the scheduler's own draws come from the per-sample generators
+        return pipe(noise, labels, num_inference_steps=steps, guidance_scale=guidance, eta=1.0,
+                    generator=gens).images
+
+    first = pipeline_images()
+    assert counter.resets == 1 and counter.calls == steps  # reset at the start, one guided call per step
+    counter.calls = 123  # stale state from elsewhere must not leak into the next call
+    second = pipeline_images()
+    assert counter.resets == 2 and counter.calls == steps
+    assert torch.isfinite(first).all() and torch.equal(first, second)
+
+    # the loop itself resets (every sampler runs it): the trajectories' denoise_loop of the same DDIM grid
+    labels, noise, _ = sample_seeds([0, 1, 2], teacher.num_classes, 11, teacher.sample_shape)
+    cond, uncond = teacher.contexts(labels)
+    loop = QATDiffusionPipeline.from_teacher(teacher, unet=student, scheduler=teacher.ddim(steps))
+    a = loop.denoise_loop(noise, cond, uncond, guidance)
+    b = loop.denoise_loop(noise, cond, uncond, guidance)
+    assert counter.resets == 4 and torch.equal(a, b)
+
+    # evaluation samples: the same seeds give the same images, whatever was sampled before
+    kwargs = dict(scheduler="ddim", num_steps=steps, guidance=guidance, eta=1.0, seed=3, batch_size=2)
+    resets = counter.resets
+    g1 = generate(student, teacher, [0, 1, 2], **kwargs)
+    assert counter.resets == resets + 2  # one reset per pipeline call (two batches)
+    counter.calls = 7
+    g2 = generate(student, teacher, [0, 1, 2], **kwargs)
+    assert torch.equal(g1.images, g2.images) and torch.equal(g1.labels, g2.labels)
+
+    # the check has teeth: without the reset the second call's images change
+    monkeypatch.setattr(pipeline_module, "reset_sampling_state", lambda model: 0)
+    stale_first = pipeline_images()
+    stale_second = pipeline_images()
+    assert not torch.allclose(stale_first, stale_second)
+    assert not torch.allclose(stale_second, first)
+
+
+def test_previous_steps_of_online_and_cached_batches(tiny_teacher: Path, tmp_path: Path) -> None:
+    """Every sample's ``previous`` input is the previous step of its own trajectory (as ``trajectory_steps`` walks
+    it with the same seeds); a trajectory's first step has none (flagged invalid, ``x`` a copy of the input)."""
+    from train.data.trajectories import CachedTrajectories, OnlineTrajectories, generate_cache, trajectory_steps
+
+    cfg = load_config(["config=efficientdm_digits.yaml", *fast_overrides(tiny_teacher, tmp_path)])
+    teacher = load_teacher(cfg.teacher)
+    steps, eta, guidance, seed = 4, 1.0, 1.5, 5
+
+    # online: two rounds of two trajectories (global indices 0, 1 then 2, 3)
+    n = 2
+    online = OnlineTrajectories(teacher, steps, eta, guidance, n, seed)
+    saved: dict = {}
+    for r in range(2):
+        ref = trajectory_steps(teacher, [r * n + j for j in range(n)], steps, eta, guidance, seed, "cpu")
+        for k in range(steps):
+            batch = online.next_batch("cpu")
+            rows = slice(k * n, (k + 1) * n)
+            assert torch.equal(batch.x, ref["x"][rows]) and torch.equal(batch.t, ref["t"][rows])
+            prev = batch.previous
+            assert prev is not None and prev.x.shape == batch.x.shape and prev.t.shape == batch.t.shape
+            if k == 0:
+                assert not prev.valid.any() and torch.equal(prev.x, batch.x)
+            else:
+                before = slice((k - 1) * n, k * n)
+                assert prev.valid.all()
+                assert torch.equal(prev.x, ref["x"][before]) and torch.equal(prev.t, ref["t"][before])
+                assert bool((prev.t > batch.t).all())  # noisier
+            if (r, k) == (0, 1):
+                saved["state"] = online.state_dict()  # taken mid-trajectory, after step 1
+            if (r, k) == (0, 2):
+                saved["next"] = batch
+    # a source resumed from that state continues with the same step and the same previous step
+    resumed = OnlineTrajectories(teacher, steps, eta, guidance, n, seed)
+    resumed.load_state_dict(saved["state"])
+    again = resumed.next_batch("cpu")
+    assert torch.equal(again.x, saved["next"].x) and bool(again.previous.valid.all())
+    assert torch.equal(again.previous.x, saved["next"].previous.x)
+    assert torch.equal(again.previous.t, saved["next"].previous.t)
+
+    # cached: 5 trajectories in shards of 2, 2 and 1; shuffled mixed-timestep batches of 6
+    manifest = generate_cache(teacher, "t", tmp_path / "cache", steps, eta, guidance, seed, 5, 2, "cpu",
+                              progress=False)
+    refs = [trajectory_steps(teacher, idx, steps, eta, guidance, seed, "cpu") for idx in ([0, 1], [2, 3], [4])]
+    where: dict[bytes, tuple[int, int]] = {}  # input -> (trajectory, step)
+    step_rows: dict[tuple[int, int], torch.Tensor] = {}
+    t_rows: dict[tuple[int, int], torch.Tensor] = {}
+    first = 0
+    for ref in refs:
+        m = ref["x"].shape[0] // steps
+        for k in range(steps):
+            for j in range(m):
+                key = (first + j, k)
+                step_rows[key], t_rows[key] = ref["x"][k * m + j], ref["t"][k * m + j]
+                where[ref["x"][k * m + j].numpy().tobytes()] = key
+        first += m
+    assert len(where) == 5 * steps
+
+    cached = CachedTrajectories(manifest, batch_size=6, seed=0, previous=True)
+    plain = CachedTrajectories(manifest, batch_size=6, seed=0)
+    seen: set[tuple[int, int]] = set()
+    mixed = False
+    for _ in range(6):  # two epochs of 20 samples (3 batches each)
+        batch = cached.next_batch(teacher, "cpu")
+        assert plain.next_batch(teacher, "cpu").previous is None  # only when asked for
+        mixed |= batch.t.unique().numel() > 1
+        prev = batch.previous
+        assert prev is not None and prev.valid.dtype == torch.bool and prev.valid.shape == batch.t.shape
+        for i in range(batch.x.shape[0]):
+            traj, k = where[batch.x[i].numpy().tobytes()]
+            seen.add((traj, k))
+            assert torch.equal(batch.t[i], t_rows[(traj, k)])
+            if k == 0:
+                assert not prev.valid[i] and torch.equal(prev.x[i], batch.x[i]) and prev.t[i] == batch.t[i]
+            else:
+                assert prev.valid[i], (traj, k)
+                assert torch.equal(prev.x[i], step_rows[(traj, k - 1)]), (traj, k)
+                assert prev.t[i] == t_rows[(traj, k - 1)]
+    assert mixed and len(seen) >= 18  # each epoch uses 18 of the 20 samples
+    assert any(k == 0 for _, k in seen) and any(k > 0 for _, k in seen)

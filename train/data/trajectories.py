@@ -15,7 +15,13 @@ Seeds: trajectory ``i`` (a global index) draws its labels and noise from ``torch
 so the data do not depend on the number of processes, and ranks never share a trajectory.
 
 Samples may be images ``(C, H, W)`` or videos (``(F, C, H, W)`` CogVideoX, ``(C, F, H, W)`` Wan); the sampler is
-DDIM, or for flow-matching teachers its flow counterpart (:func:`flow_step`), with float timesteps ``1000 sigma``.
+DDIM, or for flow-matching teachers its flow counterpart (:func:`train.models.pipeline.flow_step`), with float
+timesteps ``1000 sigma``. Both sources sample through the pipeline's loop and primitives
+(:class:`train.models.pipeline.QATDiffusionPipeline`).
+
+A method that needs it (:attr:`qat.methods.Method.needs_previous_step`) gets, with each sample, the input of the
+previous (noisier) step of the same trajectory (:attr:`TrajectoryBatch.previous`), in both modes; and with feature
+taps, online batches carry the teacher's features captured during the trajectory's own teacher call.
 """
 
 from __future__ import annotations
@@ -23,27 +29,44 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
 import qat
-from train.models.families import model_dtype
-from train.models.teacher import Teacher, denoise
+from qat.taps import FeatureTaps
+from train.models.pipeline import QATDiffusionPipeline, batch_timesteps, guided_eps
+from train.models.teacher import Teacher
 
-__all__ = ["TrajectoryBatch", "guided_eps", "OnlineTrajectories", "generate_cache", "CachedTrajectories",
-           "sample", "trajectory_start"]
+__all__ = ["TrajectoryBatch", "PreviousStep", "OnlineTrajectories", "generate_cache", "CachedTrajectories",
+           "trajectory_start", "trajectory_steps"]
+
+
+@dataclass
+class PreviousStep:
+    """The previous (noisier) step of each sample's trajectory: inputs ``x (B, *sample_shape)``, timesteps
+    ``t (B,)``, and ``valid (B,)`` (False for a trajectory's first step, which has none; ``x`` is then a copy)."""
+
+    x: Tensor
+    t: Tensor
+    valid: Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> PreviousStep:
+        return PreviousStep(*(getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)))
 
 
 @dataclass
 class TrajectoryBatch:
-    """One training batch: inputs ``x (B, *sample_shape)``, timesteps ``t (B,)``, contexts and targets like ``x``."""
+    """One training batch: inputs ``x (B, *sample_shape)``, timesteps ``t (B,)``, contexts and targets like ``x``.
+
+    ``previous``: the previous trajectory step of every sample (when the source was asked for it);
+    ``teacher_features``: the teacher's tapped features on these inputs (online sources with taps).
+    """
 
     x: Tensor
     t: Tensor
@@ -52,36 +75,24 @@ class TrajectoryBatch:
     uncond: Tensor | None
     eps_cond: Tensor
     eps_uncond: Tensor | None
+    previous: PreviousStep | None = None
+    teacher_features: dict[str, Tensor] = field(default_factory=dict)
 
     def to(self, device: torch.device | str) -> TrajectoryBatch:
-        def mv(v: Tensor | None) -> Tensor | None:
-            return None if v is None else v.to(device, non_blocking=True)
+        def mv(v: Any) -> Any:
+            if v is None:
+                return None
+            if isinstance(v, dict):
+                return {k: t.to(device, non_blocking=True) for k, t in v.items()}
+            return v.to(device, non_blocking=True)
 
-        return TrajectoryBatch(*(mv(getattr(self, k)) for k in self.__dataclass_fields__))
+        return TrajectoryBatch(*(mv(getattr(self, f.name)) for f in fields(self)))
 
-
-def guided_eps(model: nn.Module, x: Tensor, t: Tensor, cond: Tensor | None, uncond: Tensor | None,
-               guidance: float, quantizers: list[nn.Module] | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``(eps_u + w (eps_c - eps_u), eps_c, eps_u)`` from one batched call (uncond first, as CompVis LDM).
-
-    ``t`` is ``(B,)``; temporal quantizers of ``model`` are set from it for the duration of the call. Inputs and
-    floating-point contexts are cast to the model's parameter dtype (a bf16 teacher next to an fp32 student); label
-    contexts (DiT) stay integers. ``quantizers``: ``qat.temporal_quantizers(model)`` computed once by a caller that
-    calls many times (skips a walk over every module per call).
-    """
-    dtype = model_dtype(model)
-    x = x.to(dtype)
-    reuse = not torch.is_grad_enabled()  # nothing saved for backward: the weights' tensor can be rewritten
-    if cond is None:
-        with qat.timestep(model, t, quantizers, reuse):
-            eps = denoise(model, x, t, None)
-        return eps, eps, None
-    tt = torch.cat([t, t])
-    context = torch.cat([uncond, cond])
-    with qat.timestep(model, tt, quantizers, reuse):
-        out = denoise(model, torch.cat([x, x]), tt, context.to(dtype) if context.is_floating_point() else context)
-    eps_u, eps_c = out.chunk(2)
-    return eps_u + guidance * (eps_c - eps_u), eps_c, eps_u
+    def targets(self) -> Tensor:
+        """The teacher's predictions in the student's row layout: ``[eps_uncond; eps_cond]`` with guidance, else
+        ``eps_cond``."""
+        return self.eps_cond if self.eps_uncond is None or self.cond is None else torch.cat(
+            [self.eps_uncond, self.eps_cond])
 
 
 def trajectory_start(teacher: Teacher, index: int, seed: int, batch: int = 1) -> tuple[Tensor, Tensor, Tensor]:
@@ -91,6 +102,17 @@ def trajectory_start(teacher: Teacher, index: int, seed: int, batch: int = 1) ->
     labels = torch.randint(0, teacher.num_classes, (batch,), generator=gen)
     noise = torch.randn((batch, *teacher.sample_shape), generator=gen)
     return labels, noise, gen.get_state()
+
+
+def _draw(states: list[Tensor], shape: torch.Size) -> tuple[Tensor, list[Tensor]]:
+    """One ``(1, *shape)`` normal draw per trajectory stream; returns the noise ``(N, *shape)`` and new states."""
+    noise, new_states = [], []
+    gen = torch.Generator()
+    for state in states:
+        gen.set_state(state)
+        noise.append(torch.randn((1, *shape), generator=gen))
+        new_states.append(gen.get_state())
+    return torch.cat(noise), new_states
 
 
 class OnlineTrajectories:
@@ -116,7 +138,10 @@ class OnlineTrajectories:
         self.x: Tensor | None = None
         self.labels: Tensor | None = None
         self.gen_states: list[Tensor] = []  # one noise stream per trajectory (DDIM eta > 0 noise)
-        self._quantizers = qat.temporal_quantizers(teacher.unet)  # none for a float teacher; walked once
+        self.prev_x: Tensor | None = None  # the previous step's input (None at a trajectory's first step)
+        self.prev_t: Tensor | None = None
+        self.pipe = QATDiffusionPipeline.from_teacher(teacher, scheduler=self.scheduler)
+        self._timestep_modules = qat.timestep_modules(teacher.unet)  # none for a float teacher; walked once
 
     def _start(self) -> None:
         first = (self.round * self.world_size + self.rank) * self.batch_size
@@ -124,35 +149,47 @@ class OnlineTrajectories:
         self.labels = torch.cat([s[0] for s in starts])
         self.x = torch.cat([s[1] for s in starts])
         self.gen_states = [s[2] for s in starts]
+        self.prev_x = self.prev_t = None
         self.round += 1
         self.step = 0
 
     @torch.no_grad()
-    def next_batch(self, device: torch.device | str) -> TrajectoryBatch:
-        """The teacher's ``(x_t, t, c)`` at the next step and its predictions; advances ``x_t`` with DDIM."""
+    def next_batch(self, device: torch.device | str, taps: list[str] | None = None) -> TrajectoryBatch:
+        """The teacher's ``(x_t, t, c)`` at the next step and its predictions; advances ``x_t`` with DDIM.
+
+        ``taps``: module-name patterns whose outputs the teacher's call also records (``batch.teacher_features``).
+        """
         if self.step >= self.num_steps:
             self._start()
         unet = self.teacher.unet
         x = self.x.to(device)
         t_val = self.scheduler.timesteps[self.step]
-        t = _batch_t(t_val, x.shape[0], device)
+        t = batch_timesteps(t_val, x.shape[0], device)
         cond, uncond = self.teacher.contexts(self.labels.to(device))
-        eps, eps_c, eps_u = guided_eps(unet, x, t, cond, uncond, self.guidance, self._quantizers)
-        batch = TrajectoryBatch(x.float(), t, self.labels.to(device), cond, uncond, eps_c.float(),
-                                None if eps_u is None else eps_u.float())
+        with FeatureTaps(unet, taps or []) as tapped:
+            eps, eps_c, eps_u = guided_eps(unet, x, t, cond, uncond, self.guidance, self._timestep_modules)
+        if self.prev_x is None:
+            previous = PreviousStep(x.float(), t, torch.zeros(x.shape[0], dtype=torch.bool, device=device))
+        else:
+            previous = PreviousStep(self.prev_x.to(device), self.prev_t.to(device),
+                                    torch.ones(x.shape[0], dtype=torch.bool, device=device))
+        batch = TrajectoryBatch(x.float(), t, self.labels.to(device), cond, uncond, eps_c, eps_u, previous,
+                                tapped.features)
         noise, self.gen_states = _draw(self.gen_states, x.shape[1:])
-        self.x = _ddim_step(self.scheduler, eps.float(), t_val, x.float(), self.eta, noise.to(device))
+        self.prev_x, self.prev_t = x.float(), t
+        self.x = self.pipe.advance(eps, t_val, x.float(), eta=self.eta, noise=noise.to(device))
         self.step += 1
         return batch
 
     def state_dict(self) -> dict[str, Any]:
         return {"round": self.round, "step": self.step, "x": self.x, "labels": self.labels,
-                "gen_states": list(self.gen_states)}
+                "gen_states": list(self.gen_states), "prev_x": self.prev_x, "prev_t": self.prev_t}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.round, self.step = int(state["round"]), int(state["step"])
         self.x, self.labels = state["x"], state["labels"]
         self.gen_states = list(state["gen_states"])
+        self.prev_x, self.prev_t = state.get("prev_x"), state.get("prev_t")
 
 
 def _manifest(teacher_path: str, num_steps: int, eta: float, guidance: float, seed: int, num_trajectories: int,
@@ -168,15 +205,17 @@ def _shard_path(cache_dir: Path, shard: int) -> Path:
 
 @torch.no_grad()
 def trajectory_steps(teacher: Teacher, indices: list[int], num_steps: int, eta: float, guidance: float, seed: int,
-                  device: torch.device | str) -> dict[str, Tensor]:
-    """Every step of the trajectories ``indices``, flattened to ``(len(indices) * num_steps, ...)`` tensors."""
+                     device: torch.device | str) -> dict[str, Tensor]:
+    """Every step of the trajectories ``indices``, flattened step-major to ``(num_steps * len(indices), ...)``
+    tensors ``x``, ``t``, ``eps_cond`` (and ``eps_uncond`` with conditioning), plus ``labels``: the teacher's
+    DDIM run in the pipeline's loop, each trajectory drawing its noise from its own stream."""
     sched = teacher.ddim(num_steps)
+    pipe = QATDiffusionPipeline.from_teacher(teacher, scheduler=sched)
     starts = [trajectory_start(teacher, i, seed) for i in indices]
     labels = torch.cat([s[0] for s in starts])
     x = torch.cat([s[1] for s in starts]).to(device)
     gen_states = [s[2] for s in starts]
     cond, uncond = teacher.contexts(labels.to(device))
-    quantizers = qat.temporal_quantizers(teacher.unet)
     # The loop never waits for the GPU, so that teacher calls run back to back while the host prepares the next
     # step: each step's noise is drawn on the host during the previous teacher call and sent from pinned memory,
     # and results go straight into preallocated pinned host tensors by asynchronous copies; one synchronisation
@@ -191,76 +230,26 @@ def trajectory_steps(teacher: Teacher, indices: list[int], num_steps: int, eta: 
     out = {"x": host(*x.shape[1:]), "t": host(dtype=t_dtype), "eps_cond": host(*x.shape[1:])}
     if cond is not None:
         out["eps_uncond"] = host(*x.shape[1:])
-    for k, t_val in enumerate(sched.timesteps):
+
+    def noise_fn(k: int) -> Tensor:
         # One generator per trajectory, so a trajectory is the same whatever shard or batch it is generated in.
+        nonlocal gen_states
         noise, gen_states = _draw(gen_states, x.shape[1:])
-        noise = noise.pin_memory().to(device, non_blocking=True) if pinned else noise.to(device)
-        t = _batch_t(t_val, n, device)
-        eps, eps_c, eps_u = guided_eps(teacher.unet, x, t, cond, uncond, guidance, quantizers)
+        return noise.pin_memory().to(device, non_blocking=True) if pinned else noise.to(device)
+
+    def record(k: int, t: Tensor, x_t: Tensor, eps_c: Tensor, eps_u: Tensor | None) -> None:
         rows = slice(k * n, (k + 1) * n)
-        out["x"][rows].copy_(x.float(), non_blocking=pinned)
+        out["x"][rows].copy_(x_t.float(), non_blocking=pinned)
         out["t"][rows].copy_(t, non_blocking=pinned)
-        out["eps_cond"][rows].copy_(eps_c.float(), non_blocking=pinned)
+        out["eps_cond"][rows].copy_(eps_c, non_blocking=pinned)
         if eps_u is not None:
-            out["eps_uncond"][rows].copy_(eps_u.float(), non_blocking=pinned)
-        x = _ddim_step(sched, eps.float(), t_val, x.float(), eta, noise)
+            out["eps_uncond"][rows].copy_(eps_u, non_blocking=pinned)
+
+    pipe.denoise_loop(x, cond, uncond, guidance, eta=eta, noise_fn=noise_fn, callback=record)
     if pinned:
         torch.cuda.current_stream(device).synchronize()  # the asynchronous copies have landed
     out["labels"] = labels.repeat(steps)
     return out
-
-
-def _draw(states: list[Tensor], shape: torch.Size) -> tuple[Tensor, list[Tensor]]:
-    """One ``(1, *shape)`` normal draw per trajectory stream; returns the noise ``(N, *shape)`` and new states."""
-    noise, new_states = [], []
-    gen = torch.Generator()
-    for state in states:
-        gen.set_state(state)
-        noise.append(torch.randn((1, *shape), generator=gen))
-        new_states.append(gen.get_state())
-    return torch.cat(noise), new_states
-
-
-def _batch_t(t_val: Tensor, batch: int, device: torch.device | str) -> Tensor:
-    """``(batch,)`` copies of sampler timestep ``t_val``: long for DDPM steps, float for flow-matching times."""
-    dtype = torch.long if not t_val.is_floating_point() else torch.float32
-    return torch.full((batch,), t_val.item(), device=device, dtype=dtype)
-
-
-def _ddim_step(sched: Any, eps: Tensor, t: Tensor, x: Tensor, eta: float, noise: Tensor) -> Tensor:
-    """One sampler update with externally drawn noise: DDIM (diffusers' ``variance_noise``) or :func:`flow_step`."""
-    if isinstance(sched, FlowMatchEulerDiscreteScheduler):
-        i = int((sched.timesteps == t).nonzero()[0, 0])
-        return flow_step(eps, x, float(sched.sigmas[i]), float(sched.sigmas[i + 1]), eta, noise)
-    return sched.step(eps, int(t), x, eta=eta, variance_noise=noise if eta > 0 else None).prev_sample
-
-
-def flow_step(v: Tensor, x: Tensor, sigma: float, sigma_next: float, eta: float, noise: Tensor) -> Tensor:
-    """DDIM with ``eta`` for a flow-matching model: ``x_t = (1 - s) x_0 + s eps``, velocity ``v = eps - x_0``.
-
-    With ``a = 1 - s``, ``b = s`` and ``r = sqrt(a^2 + b^2)``, ``x_t / r`` is a variance-preserving diffusion state
-    with ``abar = a^2 / r^2``, so DDIM's update (Song et al. 2021, Eq. 12) applies there:
-
-        x0 = x - s v,   eps = x + (1 - s) v
-        c^2 = eta^2 (1 - abar') / (1 - abar) (1 - abar / abar')
-        x' = r' (sqrt(abar') x0 + sqrt(1 - abar' - c^2) eps + c z)
-
-    For ``eta = 0`` this is exactly the Euler step ``x + (s' - s) v`` of the flow ODE; ``eta = 1`` is ancestral
-    sampling, as EfficientDM's stochastic DDIM trajectories (dossier Sec. 6).
-
-    Args:
-        v: model output ``(B, ...)``; x: current sample; sigma, sigma_next: noise levels of this and the next step.
-        eta: stochasticity in ``[0, 1]``; noise: standard normal ``z`` of ``x``'s shape.
-    """
-    x0, eps = x - sigma * v, x + (1.0 - sigma) * v
-    a, b, a_n, b_n = 1.0 - sigma, sigma, 1.0 - sigma_next, sigma_next
-    if eta == 0.0 or b_n == 0.0:
-        return a_n * x0 + b_n * eps
-    r2, r2_n = a * a + b * b, a_n * a_n + b_n * b_n
-    abar, abar_n = a * a / r2, a_n * a_n / r2_n
-    c2 = eta**2 * (1.0 - abar_n) / (1.0 - abar) * (1.0 - abar / abar_n)
-    c2 = min(c2, 1.0 - abar_n)  # rounding guard: the deterministic part keeps a non-negative weight
-    return r2_n**0.5 * (abar_n**0.5 * x0 + (1.0 - abar_n - c2) ** 0.5 * eps + c2**0.5 * noise)
 
 
 def generate_cache(teacher: Teacher, teacher_path: str, cache_dir: str | Path, num_steps: int, eta: float,
@@ -332,19 +321,34 @@ class CachedTrajectories:
 
     Each epoch is a permutation of all cached samples drawn from ``seed + epoch``; process ``rank`` takes every
     ``world_size``-th sample. The position (epoch, offset) is checkpointed, so a resumed run sees exactly the
-    batches it would have seen.
+    batches it would have seen. With ``previous`` every batch carries each sample's previous trajectory step
+    (:class:`PreviousStep`), looked up in the cache (shards are step-major: row ``k n + j`` is step ``k`` of the
+    shard's trajectory ``j``).
     """
 
     def __init__(self, manifest_path: str | Path, batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, previous: bool = False) -> None:
         manifest_path = Path(manifest_path)
         self.manifest = json.loads(manifest_path.read_text())
         parts = [load_file(str(manifest_path.parent / name)) for name in self.manifest["shards"]]
         self.data = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         self.size = self.data["x"].shape[0]
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.previous = previous
+        self.prev_index = self._previous_rows([p["x"].shape[0] for p in parts], int(self.manifest["num_steps"]))
         self.epoch, self.offset = 0, 0
         self._order = self._permutation()
+
+    @staticmethod
+    def _previous_rows(shard_rows: list[int], steps: int) -> Tensor:
+        """``(size,)`` index of each row's previous trajectory step in the concatenated cache; -1 at a first step."""
+        out, start = [], 0
+        for rows in shard_rows:
+            n = rows // steps  # trajectories in this shard
+            idx = torch.arange(rows)
+            out.append(torch.where(idx >= n, start + idx - n, torch.full_like(idx, -1)))
+            start += rows
+        return torch.cat(out)
 
     def _permutation(self) -> Tensor:
         perm = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
@@ -360,8 +364,14 @@ class CachedTrajectories:
         labels = self.data["labels"][idx].to(device)
         cond, uncond = teacher.contexts(labels)
         eps_u = self.data["eps_uncond"][idx] if "eps_uncond" in self.data else None
+        previous = None
+        if self.previous:
+            prev = self.prev_index[idx]
+            valid = prev >= 0
+            rows = torch.where(valid, prev, idx)  # a first step points at itself (masked out by ``valid``)
+            previous = PreviousStep(self.data["x"][rows], self.data["t"][rows], valid)
         return TrajectoryBatch(self.data["x"][idx], self.data["t"][idx], labels, cond, uncond,
-                               self.data["eps_cond"][idx], eps_u).to(device)
+                               self.data["eps_cond"][idx], eps_u, previous).to(device)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "offset": self.offset}
@@ -369,27 +379,3 @@ class CachedTrajectories:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
         self._order = self._permutation()
-
-
-@torch.no_grad()
-def sample(model: nn.Module, teacher: Teacher, labels: Tensor, noise: Tensor, num_steps: int, guidance: float,
-           eta: float = 0.0, record_eps: bool = False) -> tuple[Tensor, list[Tensor]]:
-    """DDIM sampling of ``model`` (teacher or student) with the teacher's conditioning; deterministic for eta 0.
-
-    Returns:
-        final samples ``(B, *sample_shape)`` and, with ``record_eps``, the CFG eps of every step.
-    """
-    device = noise.device
-    sched = teacher.ddim(num_steps)
-    cond, uncond = teacher.contexts(labels.to(device))
-    x = noise
-    record = []
-    quantizers = qat.temporal_quantizers(model)
-    for t_val in sched.timesteps:
-        t = _batch_t(t_val, x.shape[0], device)
-        eps, _, _ = guided_eps(model, x, t, cond, uncond, guidance, quantizers)
-        if record_eps:
-            record.append(eps.float())
-        # eta 0 here (the default): deterministic, no noise needed; eta > 0 draws from the global generator
-        x = _ddim_step(sched, eps.float(), t_val, x, eta, torch.randn_like(x) if eta > 0 else torch.zeros_like(x))
-    return x, record

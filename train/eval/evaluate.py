@@ -25,10 +25,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 import qat
-from train.data.trajectories import guided_eps, trajectory_steps
+from train.data.trajectories import trajectory_steps
 from train.eval.metrics import digits_fd_and_accuracy, extract_features, psnr, ssim
-from train.models.pipeline import QATDiffusionPipeline, sample_seeds
-from train.models.teacher import Teacher
+from train.models.pipeline import QATDiffusionPipeline, guided_eps, sample_seeds
+from train.models.teacher import Teacher, is_flow_scheduler
 
 __all__ = ["HeldOut", "heldout_eps_mse", "x0_error_weight", "SampleSet", "generate", "shard_indices",
            "gather_samples", "fidelity", "merge_samples", "DistributionScorer", "Evaluator"]
@@ -65,16 +65,16 @@ def heldout_eps_mse(model: nn.Module, held: HeldOut, batch_size: int = 256) -> d
     d = held.data
     n = d["x"].shape[0]
     per_sample = torch.empty(n)
-    quantizers = qat.temporal_quantizers(model)
+    modules = qat.timestep_modules(model)
     for start in range(0, n, batch_size):
         sl = slice(start, min(start + batch_size, n))
         x, t = d["x"][sl].to(device), d["t"][sl].to(device)
         cond, uncond = held.teacher.contexts(d["labels"][sl].to(device))
-        eps, _, _ = guided_eps(model, x, t, cond, uncond, held.guidance, quantizers)
+        eps, _, _ = guided_eps(model, x, t, cond, uncond, held.guidance, modules)
         target = d["eps_cond"][sl].to(device)
         if "eps_uncond" in d:
             eu = d["eps_uncond"][sl].to(device)
-            target = eu + held.guidance * (target - eu)
+            target = qat.cfg_combine(eu, target, held.guidance)
         per_sample[sl] = (eps.float() - target).pow(2).flatten(1).mean(1).cpu()
     x0 = per_sample.double() * x0_error_weight(held.teacher.scheduler, d["t"].cpu())
     # trajectory_steps lays samples out step-major: (step, trajectory)
@@ -90,8 +90,6 @@ def x0_error_weight(scheduler: Any, t: Tensor) -> Tensor:
     ``epsilon``: ``(1 - abar) / abar``; ``v_prediction`` (``x0 = sqrt(abar) x - sqrt(1 - abar) v``): ``1 - abar``;
     ``sample``: 1; flow matching (``x0 = x - sigma v``, ``t = sigma * num_train_timesteps``): ``sigma^2``.
     """
-    from train.models.teacher import is_flow_scheduler
-
     if is_flow_scheduler(scheduler):
         return (t.double() / float(scheduler.config.num_train_timesteps)) ** 2
     abar = scheduler.alphas_cumprod.double()[t.long()]

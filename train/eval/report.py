@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from train.config import build_method
 from train.eval.evaluate import Evaluator, SampleSet
 from train.models.pipeline import save_adm_npz
 
@@ -167,7 +168,7 @@ def write_run_report(out: Path, cfg: Any, evaluator: Evaluator, variants: dict[s
                      samples: dict[str, SampleSet], **fields: Any) -> dict[str, Path]:
     """The report of a run or an ``evaluate.py`` call: header fields from the config, the variants' metrics, ADM
     ``.npz`` samples (``eval.save_npz``) and the first ``eval.grid_size`` samples of each variant as a grid."""
-    bits = f"W{cfg.efficientdm.weight_bits}A{cfg.efficientdm.act_bits}"
+    bits = build_method(cfg).bits()
     report = {"method": cfg.method, "bits": bits, "teacher": cfg.teacher.path, **fields,
               "sampler": evaluator.sampler_info(), "heldout": evaluator.heldout_info(), "variants": variants}
     if cfg.eval.save_npz:

@@ -10,8 +10,14 @@ The denoiser is called through its family adapter (:func:`train.models.families.
 UNets, DiT (class labels), PixArt (text states + mask), CogVideoX and Wan (video latents, ``(B, F, C, H, W)`` /
 ``(B, C, F, H, W)``). Video latents are returned as they are (no video decoder).
 
-Temporal quantizers read the sampler's timestep from each denoiser call (:func:`qat.attach_timestep_hook`), so a
-student trained on a 100-step DDIM grid samples with 20, 50 or 250 steps of any scheduler: sampler timesteps on the
+This module holds the one sampling loop of DiffQAT (:meth:`QATDiffusionPipeline.denoise_loop`): evaluation samples,
+TensorBoard sample grids, calibration inputs and the teacher's training trajectories all run it, and the online
+trajectory walker takes its steps with the same two primitives (:func:`guided_eps`, the one place a denoiser is
+called with classifier-free guidance, and :meth:`QATDiffusionPipeline.advance`). Every loop starts by resetting the
+state of stateful modules (:func:`qat.reset_sampling_state`), so two calls with the same seeds give the same samples.
+
+Timestep-aware modules (temporal quantizers) are set from each call's timestep (:func:`qat.timestep`), so a student
+trained on a 100-step DDIM grid samples with 20, 50 or 250 steps of any scheduler: sampler timesteps on the
 training grid use their row, the others interpolate between the two nearest rows.
 
 Reproducibility: sample ``i`` of an evaluation draws its label and initial noise from its own generator
@@ -27,43 +33,99 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import diffusers
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ImagePipelineOutput, SchedulerMixin
 from torch import Tensor, nn
 
-import qat
-from qat.timestep import temporal_quantizers
+from qat.sampling import cfg_combine, reset_sampling_state
+from qat.timestep import timestep, timestep_modules
 from train.models.families import denoise, model_dtype
+from train.models.schedulers import scheduler_class
 from train.models.teacher import Teacher, is_flow_scheduler
 
-__all__ = ["QATDiffusionPipeline", "SCHEDULER_ALIASES", "make_scheduler", "sample_seeds", "to_uint8_nhwc",
-           "save_adm_npz", "load_adm_npz"]
+__all__ = ["QATDiffusionPipeline", "guided_eps", "batch_timesteps", "flow_step", "make_scheduler", "sample_seeds",
+           "to_uint8_nhwc", "save_adm_npz", "load_adm_npz"]
 
-#: short names accepted by ``eval.scheduler`` (any diffusers scheduler class name works as well).
-SCHEDULER_ALIASES: dict[str, str] = {
-    "ddim": "DDIMScheduler",
-    "ddpm": "DDPMScheduler",
-    "pndm": "PNDMScheduler",
-    "dpmsolver": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "heun": "HeunDiscreteScheduler",
-}
+#: ``callback(step_index, t, x_t, eps_cond, eps_uncond)`` of :meth:`QATDiffusionPipeline.denoise_loop`
+StepCallback = Callable[[int, Tensor, Tensor, Tensor, Tensor | None], None]
 
 
-def scheduler_class(name: str) -> type[SchedulerMixin]:
-    """The diffusers scheduler class for an alias (``ddim``) or a class name (``DDIMScheduler``)."""
-    cls_name = SCHEDULER_ALIASES.get(name, name)
-    cls = getattr(diffusers, cls_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
-        known = sorted(SCHEDULER_ALIASES)
-        raise ValueError(f"eval.scheduler: unknown scheduler {name!r}; use one of {known} or a diffusers scheduler "
-                         "class name such as 'DPMSolverMultistepScheduler'")
-    return cls
+def guided_eps(model: nn.Module, x: Tensor, t: Tensor, cond: Tensor | None, uncond: Tensor | None,
+               guidance: float, modules: list[nn.Module] | None = None,
+               family: str | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(eps_u + w (eps_c - eps_u), eps_c, eps_u)`` in float32 from one batched call (uncond first, as CompVis LDM).
+
+    ``t`` is ``(B,)``; timestep-aware modules of ``model`` are set from it for the duration of the call. Without
+    ``uncond`` (no guidance) the model runs once on ``cond`` (or unconditioned) and ``eps = eps_c``. Inputs and
+    floating-point contexts are cast to the model's parameter dtype (a bf16 teacher next to an fp32 student); label
+    contexts (DiT) stay integers. ``modules``: ``qat.timestep_modules(model)`` computed once by a caller that calls
+    many times (skips a walk over every module per call).
+    """
+    dtype = model_dtype(model)
+    x = x.to(dtype)
+    reuse = not torch.is_grad_enabled()  # nothing saved for backward: the weights' tensor can be rewritten
+
+    def ctx(c: Tensor | None) -> Tensor | None:
+        return c.to(dtype) if c is not None and c.is_floating_point() else c
+
+    if uncond is None:
+        with timestep(model, t, modules, reuse):
+            eps = denoise(model, x, t, ctx(cond), family).float()
+        return eps, eps, None
+    tt = torch.cat([t, t])
+    with timestep(model, tt, modules, reuse):
+        out = denoise(model, torch.cat([x, x]), tt, ctx(torch.cat([uncond, cond])), family)
+    eps_u, eps_c = out.float().chunk(2)
+    return cfg_combine(eps_u, eps_c, guidance), eps_c, eps_u
+
+
+def batch_timesteps(t: Tensor, batch: int, device: torch.device | str) -> Tensor:
+    """``(batch,)`` copies of sampler timestep ``t``: long for DDPM steps, float32 for flow-matching times. A timestep
+    already on the device is expanded there; a host one is filled in on the device (no synchronisation either way)."""
+    dtype = torch.long if not t.is_floating_point() else torch.float32
+    if t.device.type != "cpu":
+        return t.reshape(()).expand(batch).to(dtype)
+    return torch.full((batch,), t.item(), device=device, dtype=dtype)
+
+
+def _step_with_noise(sched: Any, eps: Tensor, t: Tensor, x: Tensor, eta: float, noise: Tensor) -> Tensor:
+    """One sampler update with externally drawn noise: DDIM (diffusers' ``variance_noise``) or :func:`flow_step`."""
+    if isinstance(sched, FlowMatchEulerDiscreteScheduler):
+        i = int((sched.timesteps == t).nonzero()[0, 0])
+        return flow_step(eps, x, float(sched.sigmas[i]), float(sched.sigmas[i + 1]), eta, noise)
+    return sched.step(eps, int(t), x, eta=eta, variance_noise=noise if eta > 0 else None).prev_sample
+
+
+def flow_step(v: Tensor, x: Tensor, sigma: float, sigma_next: float, eta: float, noise: Tensor) -> Tensor:
+    """DDIM with ``eta`` for a flow-matching model: ``x_t = (1 - s) x_0 + s eps``, velocity ``v = eps - x_0``.
+
+    With ``a = 1 - s``, ``b = s`` and ``r = sqrt(a^2 + b^2)``, ``x_t / r`` is a variance-preserving diffusion state
+    with ``abar = a^2 / r^2``, so DDIM's update (Song et al. 2021, Eq. 12) applies there:
+
+        x0 = x - s v,   eps = x + (1 - s) v
+        c^2 = eta^2 (1 - abar') / (1 - abar) (1 - abar / abar')
+        x' = r' (sqrt(abar') x0 + sqrt(1 - abar' - c^2) eps + c z)
+
+    For ``eta = 0`` this is exactly the Euler step ``x + (s' - s) v`` of the flow ODE; ``eta = 1`` is ancestral
+    sampling, as EfficientDM's stochastic DDIM trajectories (dossier Sec. 6).
+
+    Args:
+        v: model output ``(B, ...)``; x: current sample; sigma, sigma_next: noise levels of this and the next step.
+        eta: stochasticity in ``[0, 1]``; noise: standard normal ``z`` of ``x``'s shape.
+    """
+    x0, eps = x - sigma * v, x + (1.0 - sigma) * v
+    a, b, a_n, b_n = 1.0 - sigma, sigma, 1.0 - sigma_next, sigma_next
+    if eta == 0.0 or b_n == 0.0:
+        return a_n * x0 + b_n * eps
+    r2, r2_n = a * a + b * b, a_n * a_n + b_n * b_n
+    abar, abar_n = a * a / r2, a_n * a_n / r2_n
+    c2 = eta**2 * (1.0 - abar_n) / (1.0 - abar) * (1.0 - abar / abar_n)
+    c2 = min(c2, 1.0 - abar_n)  # rounding guard: the deterministic part keeps a non-negative weight
+    return r2_n**0.5 * (abar_n**0.5 * x0 + (1.0 - abar_n - c2) ** 0.5 * eps + c2**0.5 * noise)
+
 
 
 def make_scheduler(name: str, base: SchedulerMixin) -> SchedulerMixin:
@@ -171,6 +233,56 @@ class QATDiffusionPipeline(DiffusionPipeline):
             kwargs["generator"] = generator
         return kwargs
 
+    def advance(self, eps: Tensor, t: Tensor, x: Tensor, *, eta: float = 0.0, noise: Tensor | None = None,
+                generator: list[torch.Generator] | None = None) -> Tensor:
+        """One scheduler update ``x_t -> x_{t-1}`` from the guided prediction ``eps`` (float32).
+
+        ``noise``: the step's Gaussian draw, given by the caller (DDIM's ``variance_noise``, or the flow
+        counterpart :func:`flow_step`), so that a trajectory's noise comes from its own stream; without it the
+        scheduler draws from ``generator`` (one per sample) as diffusers pipelines do.
+        """
+        if noise is not None:
+            return _step_with_noise(self.scheduler, eps, t, x, eta, noise)
+        extra = self._extra_step_kwargs(generator, eta)
+        return self.scheduler.step(eps, t, x, **extra, return_dict=False)[0]
+
+    @torch.no_grad()
+    def denoise_loop(self, x: Tensor, cond: Tensor | None, uncond: Tensor | None, guidance: float, *,
+                     eta: float = 0.0, generator: list[torch.Generator] | None = None,
+                     noise_fn: Callable[[int], Tensor] | None = None, callback: StepCallback | None = None,
+                     progress: bool = False) -> Tensor:
+        """The sampling loop: from ``x`` (already scaled by ``init_noise_sigma``) over the scheduler's timesteps.
+
+        Args:
+            x: ``(B, *sample_shape)`` float32 start.
+            cond, uncond: the conditions (:meth:`_contexts` / ``Teacher.contexts``); ``uncond`` None runs the
+                conditional branch only (no guidance).
+            guidance: CFG scale ``w``.
+            eta: DDIM eta (schedulers without eta ignore it).
+            generator: per-sample generators for the scheduler's own draws.
+            noise_fn: ``noise_fn(i)`` gives step ``i``'s Gaussian draw (called before the step's model call, so a
+                host-side draw overlaps the device's work); then :meth:`advance` uses it.
+            callback: called after each model call with ``(i, t, x_t, eps_c, eps_u)``.
+            progress: show diffusers' progress bar.
+
+        Returns:
+            the final sample, float32.
+        """
+        unet = self.unet
+        reset_sampling_state(unet)  # stateful modules (a previous step's cache) start every run empty
+        modules = timestep_modules(unet)
+        scale_input = getattr(self.scheduler, "scale_model_input", lambda sample, timestep: sample)
+        steps = self.scheduler.timesteps
+        for i, t in enumerate(self.progress_bar(steps) if progress else steps):
+            noise = noise_fn(i) if noise_fn is not None else None
+            t_batch = batch_timesteps(t, x.shape[0], x.device)
+            eps, eps_c, eps_u = guided_eps(unet, scale_input(x, t), t_batch, cond, uncond, guidance, modules,
+                                           self.family)
+            if callback is not None:
+                callback(i, t_batch, x, eps_c, eps_u)
+            x = self.advance(eps, t, x.float(), eta=eta, noise=noise, generator=generator)
+        return x
+
     @torch.no_grad()
     def __call__(self, noise: Tensor, class_labels: Tensor | None = None, num_inference_steps: int = 20,
                  guidance_scale: float = 1.0, eta: float = 0.0, generator: list[torch.Generator] | None = None,
@@ -195,30 +307,12 @@ class QATDiffusionPipeline(DiffusionPipeline):
         device, dtype = next(unet.parameters()).device, model_dtype(unet)
         labels = torch.zeros(noise.shape[0], dtype=torch.long) if class_labels is None else class_labels
         cond, uncond = self._contexts(labels, device, dtype)
-        guided = cond is not None and guidance_scale != 1.0
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         # flow-matching schedulers start at unit variance and do not rescale inputs
         x = noise.to(device=device, dtype=torch.float32) * getattr(self.scheduler, "init_noise_sigma", 1.0)
-        scale_input = getattr(self.scheduler, "scale_model_input", lambda sample, timestep: sample)
-        extra = self._extra_step_kwargs(generator, eta)
-        # Temporal quantizers take the timestep from every call; a teacher has none and gets no hook.
-        hook = qat.attach_timestep_hook(unet) if temporal_quantizers(unet) else None
-        try:
-            for t in self.progress_bar(self.scheduler.timesteps):
-                x_in = scale_input(x, t).to(dtype)
-                t_in = t.expand(x.shape[0] * (2 if guided else 1)).to(device)
-                if guided:
-                    # uncond first, as CompVis LDM and train.data.trajectories.guided_eps
-                    out = denoise(unet, torch.cat([x_in, x_in]), t_in, torch.cat([uncond, cond]), self.family)
-                    eps_u, eps_c = out.float().chunk(2)
-                    eps = eps_u + guidance_scale * (eps_c - eps_u)
-                else:
-                    eps = denoise(unet, x_in, t_in, cond, self.family).float()
-                x = self.scheduler.step(eps, t, x, **extra, return_dict=False)[0]
-        finally:
-            if hook is not None:
-                hook.remove()
-                qat.clear_timestep(unet)
+        guided = cond is not None and guidance_scale != 1.0  # w = 1 runs only the conditional branch
+        x = self.denoise_loop(x, cond, uncond if guided else None, guidance_scale, eta=eta, generator=generator,
+                              progress=True)
         if self.vae is not None:
             scale = getattr(self.vae.config, "scaling_factor", 1.0)
             x = self.vae.decode(x.to(next(self.vae.parameters()).dtype) / scale).sample.float()

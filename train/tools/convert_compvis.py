@@ -300,7 +300,7 @@ class LayerMapCheck:
 
 def _suggest(check: LayerMapCheck, unet: nn.Module) -> dict[str, list[str]]:
     """``EfficientDMConfig`` overrides addressing the known differences of :class:`LayerMapCheck`."""
-    from qat.methods.efficientdm import FAMILY_RULES
+    from qat.families import FAMILY_RULES
     from qat.prepare import match
 
     fix: dict[str, list[str]] = {}
@@ -308,7 +308,8 @@ def _suggest(check: LayerMapCheck, unet: nn.Module) -> dict[str, list[str]]:
     if any(".attentions." in n and r == "FP" for n, r, _ in bad):
         fix["extra_exclude"] = ["*.attentions.*"]
     if any(".downsamplers." in n and s == "FP" and r != "FP" for n, r, s in bad):
-        patterns = [p for p in FAMILY_RULES["unet"].exclude if p != "*.downsamplers.*"]
+        unet_rules = FAMILY_RULES["unet"]
+        patterns = [p for p in unet_rules.shortcuts + unet_rules.downsamplers if p != "*.downsamplers.*"]
         if any(match(name, "*.downsamplers.*.conv") and isinstance(m, nn.Conv2d) for name, m in unet.named_modules()):
             patterns.append("*.downsamplers.*.conv")  # conv downsamplers (the CompVis 'op') stay excluded
         fix["exclude_patterns"] = patterns

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from torch import Tensor, nn
 
+from qat.sampling import cfg_combine
 from train.eval.digits import load_digits_tensor
 from train.models.class_embedder import ClassEmbedder
 
@@ -131,7 +132,7 @@ def sample_digits(
     context = embedder(torch.cat([embedder.null_labels(batch, device), labels.to(device)]))
     for t in ddim.timesteps:
         eps_null, eps_cond = unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample.chunk(2)
-        eps = eps_null + guidance_scale * (eps_cond - eps_null)
+        eps = cfg_combine(eps_null, eps_cond, guidance_scale)
         x = ddim.step(eps, t, x).prev_sample
     return x.clamp(-1.0, 1.0)
 
