@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> Path:
     from safetensors.torch import load_file
 
     from train.cli import build_student
+    from train.config import build_method
     from train.config import load_config as load_run_config
     from train.export_run import export_run, student_dir
     from train.models.teacher import load_teacher
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> Path:
     cfg = load_run_config(overrides)
     device = torch.device(args.device)
     teacher = load_teacher(cfg.teacher, device)
-    student, _ = build_student(cfg, teacher)
+    method = build_method(cfg)  # one instance for building and converting the student
+    student, _ = build_student(cfg, teacher, method)
     weights = sdir / "student.safetensors"
     try:
         student.load_state_dict(load_file(str(weights)), strict=True)
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> Path:
         raise ValueError(f"{weights} does not match the student built from {sdir / 'run_config.yaml'}: "
                          f"{str(err).splitlines()[0]}") from None
     student.to(device).eval()
-    export_run(student, teacher, cfg, out, run_dir=sdir.parent if sdir.name == "student" else sdir,
+    export_run(student, teacher, cfg, out, run_dir=sdir.parent if sdir.name == "student" else sdir, method=method,
                verify=not args.no_verify)
     print(f"wrote {out}")
     return out

@@ -52,7 +52,7 @@ fi
 read -r lora_lr act_lr w_lr < <(python3 -c "
 import sys
 from train.config import load_config
-o = load_config(sys.argv[1:]).optim
+o = load_config(sys.argv[1:]).efficientdm
 print(o.lora_lr * $lr_mult, o.act_step_lr * $lr_mult, o.weight_step_lr * $lr_mult)" config="$config" "${teacher_arg[@]}")
 common=(config="$config" "${teacher_arg[@]}" trainer.enable_progress_bar=false trainer.log_every_n_steps=1
   export=false trajectories.num_steps="$num_steps" efficientdm.num_timesteps="$num_steps"

@@ -26,7 +26,8 @@ if str(REPO) not in sys.path:  # runnable from a clone without installing the pa
     sys.path.insert(0, str(REPO))
 
 import qat  # noqa: E402
-from qat.export import export_quantized, export_sizes, load_quantized  # noqa: E402
+from qat.export import export_quantized, load_quantized  # noqa: E402
+from qat.export_card import export_sizes  # noqa: E402
 from qat.methods.efficientdm import EfficientDM, EfficientDMConfig  # noqa: E402
 from qat.nn.qalora import qalora_layers  # noqa: E402
 

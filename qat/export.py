@@ -39,6 +39,7 @@ import copy
 import json
 import os
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ from qat.export_format import (
     ExportError,
     read_export_config,
     resolve_export_dir,
+    scheme_of,
 )
 from qat.nn.exportable import EXPORTABLE, ExportTensorError
 from qat.prepare import LAYER_MAPPING, convert
@@ -95,7 +97,6 @@ def _json_safe(value: Any, key: str) -> Any:
     raise ExportError(f"model config entry {key!r} of type {type(value).__name__} cannot be written to JSON")
 
 
-
 def _model_config(model: nn.Module, base_model_config: dict | None) -> dict[str, Any]:
     """The diffusers config of ``model`` (``_class_name`` included) or ``base_model_config``; no old quant config."""
     if base_model_config is not None:
@@ -108,7 +109,6 @@ def _model_config(model: nn.Module, base_model_config: dict | None) -> dict[str,
         cfg["_class_name"] = type(model).__name__
     cfg.pop("quantization_config", None)  # a stale entry (another scheme) must not survive
     return {k: _json_safe(v, k) for k, v in cfg.items()}
-
 
 
 def _save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
@@ -127,12 +127,10 @@ def _save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
-
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
 
 
 def _read_tensors(path: Path) -> dict[str, Tensor]:
@@ -145,7 +143,6 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
     except Exception as err:  # safetensors raises SafetensorError / OSError on truncated or garbage files
         raise ExportError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err}); the file is "
                           f"corrupt or truncated: {REEXPORT_HINT}") from None
-
 
 
 def _build_model(config: dict[str, Any], path: Path) -> nn.Module:
@@ -162,8 +159,6 @@ def _build_model(config: dict[str, Any], path: Path) -> nn.Module:
                           "same architecture as load_quantized(path, model=...)")
     init = {k: v for k, v in config.items() if k != "quantization_config"}
     return cls.from_config(init)
-
-
 
 
 # -- export -------------------------------------------------------------------------------------------------------
@@ -203,14 +198,9 @@ def _check_stored_weight(name: str, module: nn.Module) -> None:
                           "quantizer every basis scale must be positive and smaller than the one before")
 
 
-def _scheme(entry: dict[str, Any]) -> str:
-    w, a = entry.get("weight"), entry.get("act")
-    return f"W{w['n_bits'] if w else 'fp'}A{a['n_bits'] if a else 'fp'}"
-
-
 @torch.no_grad()
 def export_quantized(model: nn.Module, out_dir: str | os.PathLike, *, base_model_config: dict | None = None,
-                     model_card: dict | None = None) -> Path:
+                     model_card: dict | None = None, convert_fn: Callable[[nn.Module], Any] = convert) -> Path:
     """Writes ``model`` (a prepared student, QALoRA or already converted) as a low-bit model directory.
 
     The caller's model is not modified: a deep copy is converted (QALoRA merged in the integer domain,
@@ -224,6 +214,8 @@ def export_quantized(model: nn.Module, out_dir: str | os.PathLike, *, base_model
             defaults to ``model.config`` for diffusers models. Without either, :func:`load_quantized` needs a float
             skeleton (``model=``).
         model_card: optional model-card fields (:func:`qat.export_card.model_card_text`).
+        convert_fn: finalises the working copy in place before it is written (a method's
+            :meth:`~qat.methods.Method.convert`); default :func:`qat.convert`, which merges QALoRA.
 
     Returns:
         the export directory.
@@ -235,7 +227,7 @@ def export_quantized(model: nn.Module, out_dir: str | os.PathLike, *, base_model
     out = Path(out_dir)
     _check_exportable(model, exportable_modules(model))  # before merging: the merge needs initialised quantizers
     work = copy.deepcopy(model)
-    convert(work)  # merges QALoRA (a no-op when already converted) and drops the peft wrappers
+    convert_fn(work)  # e.g. merges QALoRA (a no-op when already converted) and drops the peft wrappers
     work.eval()
     modules = exportable_modules(work)
 
@@ -257,11 +249,11 @@ def export_quantized(model: nn.Module, out_dir: str | os.PathLike, *, base_model
     layers = {n: e for n, e in entries.items() if "weight" in e and "act" in e}
     fp_layers = [n for n, m in work.named_modules()
                  if n and n not in modules and any(isinstance(m, t) for t in LAYER_MAPPING)]
-    temporal = temporal_quantizers(work)
+    temporal = [m for m in temporal_quantizers(work) if isinstance(getattr(m, "timesteps", None), Tensor)]
     grid = None
     if temporal and all(torch.equal(q.timesteps, temporal[0].timesteps) for q in temporal):
         grid = [int(v) if float(v).is_integer() else float(v) for v in temporal[0].timesteps.tolist()]
-    counts = Counter(_scheme(e) for e in layers.values())
+    counts = Counter(scheme_of(e) for e in layers.values())
     qconfig = {
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
@@ -272,7 +264,7 @@ def export_quantized(model: nn.Module, out_dir: str | os.PathLike, *, base_model
         "modules": entries,
         "fp_layers": fp_layers,
         "timestep_grid": grid,
-        "num_timesteps": temporal[0].config.num_timesteps if temporal else None,
+        "num_timesteps": len(temporal[0].timesteps) if temporal else None,
     }
     config = _model_config(work, base_model_config)
     config["quantization_config"] = qconfig

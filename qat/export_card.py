@@ -19,14 +19,10 @@ from qat.export_format import (
     ExportError,
     read_export_config,
     resolve_export_dir,
+    scheme_of,
 )
 
 __all__ = ["ExportSizes", "export_sizes", "model_card_text"]
-
-
-def _scheme(entry: dict[str, Any]) -> str:
-    w, a = entry.get("weight"), entry.get("act")
-    return f"W{w['n_bits'] if w else 'fp'}A{a['n_bits'] if a else 'fp'}"
 
 
 @dataclass
@@ -108,10 +104,11 @@ def export_sizes(path: str | os.PathLike) -> ExportSizes:
     floats = ("F16", "BF16", "F32", "F64")
     packed = wq = aq = fp = 0
     fp32_tensors: dict[str, tuple[list[int], int]] = {}  # what an FP32 save of the float model would hold
+    packed_prefixes = tuple(f"{name}.weight." for name in layers)  # every packed tensor of a quantized weight
     for key, (shape, dtype) in info.items():
         n = math.prod(shape)
         nbytes = n * itemsize.get(dtype, 4)
-        if ".weight.packed" in key:  # every packed stream of a weight (one per basis for binary weights)
+        if key.startswith(packed_prefixes):
             packed += nbytes
         elif ".weight_quantizer." in key:
             wq += nbytes
@@ -187,7 +184,7 @@ def model_card_text(export_dir: str | os.PathLike, info: dict | None = None, sub
     others = {n: e for n, e in qcfg["modules"].items() if n not in layers}
     groups: dict[str, list[str]] = {}
     for name, entry in layers.items():
-        key = f"{_scheme(entry)}: weights {_describe(entry.get('weight'))}; input activations " \
+        key = f"{scheme_of(entry)}: weights {_describe(entry.get('weight'))}; input activations " \
               f"{_describe(entry.get('act'), timesteps=True)}"
         groups.setdefault(key, []).append(name)
     class_name = config.get("_class_name") or "model"

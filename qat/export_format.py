@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["FORMAT_VERSION", "QUANT_METHOD", "CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME", "PACKED_SUFFIX",
-           "REEXPORT_HINT", "ExportError", "resolve_export_dir", "read_export_config"]
+           "REEXPORT_HINT", "ExportError", "resolve_export_dir", "read_export_config", "scheme_of"]
 
 FORMAT_VERSION = 2
 QUANT_METHOD = "diffqat"
@@ -83,3 +83,9 @@ def read_export_config(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             raise ExportError(f"{path}: quantization_config.{key} must be a JSON {json_kind}, got "
                               f"{qcfg.get(key)!r}; {REEXPORT_HINT}")
     return config, qcfg
+
+
+def scheme_of(entry: dict[str, Any]) -> str:
+    """``W<bits>A<bits>`` of a quantized layer's entry (``fp`` for a side without quantizer)."""
+    w, a = entry.get("weight"), entry.get("act")
+    return f"W{w['n_bits'] if w else 'fp'}A{a['n_bits'] if a else 'fp'}"

@@ -22,6 +22,7 @@ from torch import nn
 from qat.nn.attention import QuantAttnProcessor
 from qat.nn.layers import QuantConv2d, QuantLinear
 from qat.nn.qalora import add_qalora, merge_qalora, qalora_layers
+from qat.quantizers.affine import AffineConfig
 from qat.quantizers.base import Quantizer, QuantizerConfig
 
 __all__ = ["LayerRule", "QuantSpec", "PrepareReport", "prepare", "convert", "quant_layers", "match", "summary"]
@@ -53,6 +54,9 @@ class LayerRule:
             raise TypeError("LayerRule.patterns must be a list of patterns, not a string")
         if self.lora and self.weight is None:
             raise ValueError(f"rule {self.patterns}: lora needs a weight quantizer (QALoRA adds BA inside Q_w)")
+        if self.lora and not isinstance(self.weight, AffineConfig):
+            raise ValueError(f"rule {self.patterns}: lora needs an affine weight quantizer (QALoRA moves the integer "
+                             f"codes of an affine grid), not {self.weight.name!r}")
 
 
 @dataclass

@@ -56,16 +56,18 @@ class FeatureTaps:
 
     Args:
         model: the model to tap.
-        patterns: module-name patterns (or exact names).
+        patterns: module-name patterns, resolved on ``model``.
+        names: exact module names instead (e.g. resolved once on a teacher and tapped on its student too: a
+            pattern such as ``up_blocks.*`` would also match a student's quantizers and adapters).
 
     Attributes:
         names: the resolved module names, in module order.
         features: name -> output of the last forward inside the context.
     """
 
-    def __init__(self, model: nn.Module, patterns: list[str]) -> None:
+    def __init__(self, model: nn.Module, patterns: list[str] | None = None, names: list[str] | None = None) -> None:
         self.model = model
-        self.names = resolve_taps(model, patterns) if patterns else []
+        self.names = list(names) if names is not None else resolve_taps(model, patterns) if patterns else []
         self.features: dict[str, Tensor] = {}
         self._handles: list[RemovableHandle] = []
 

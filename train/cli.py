@@ -1,8 +1,9 @@
 """``train.py config=<recipe> key=value ...``: data-free QAT of a diffusion model, end to end.
 
-Steps: (1) load and validate the config, (2) load the teacher, (3) build the student, (4) PTQ-calibrate it (or
-restore it from the checkpoint being resumed), (5) measure the PTQ starting point, (6) train with Lightning,
-(7) save the student, write the evaluation report (``report.json``, ``report.md``, PNG plots; see
+Steps: (1) load and validate the config, (2) load the teacher, (3) build the configured method
+(:mod:`qat.methods`) and its student, (4) initialise it with the method's pass on the teacher's calibration
+trajectories (or restore it from the checkpoint being resumed), (5) measure the PTQ starting point, (6) train with
+Lightning, (7) save the student, write the evaluation report (``report.json``, ``report.md``, PNG plots; see
 :mod:`train.eval.report`) and the packed low-bit export (``<output_dir>/export``). Works under ``python``, ``torchrun``
 and ``accelerate launch`` (each process reads its rank from the launcher's environment; Lightning sets up the process
 group).
@@ -81,6 +82,7 @@ def calibrate_student(cfg: RunConfig, student: torch.nn.Module, teacher: Teacher
     def forward(model: torch.nn.Module, sl: slice) -> None:
         x, t = data["x"][sl].to(device), data["t"][sl].to(device)
         cond, uncond = teacher.contexts(data["labels"][sl].to(device))
+        qat.reset_sampling_state(model)  # every batch is a set of independent samples
         guided_eps(model, x, t, cond, uncond, tr.guidance_scale)
 
     method = build_method(cfg) if method is None else method
@@ -200,7 +202,8 @@ def _data_source(cfg: RunConfig, teacher: Teacher, method: Method, out: Path, de
     return CachedTrajectories(manifest, tr.batch_size, tr.seed, rank, world, previous=method.needs_previous_step)
 
 
-def _trainer(cfg: RunConfig, out: Path, extra: list[L.Callback] | None) -> tuple[L.Trainer, Preemption]:
+def _trainer(cfg: RunConfig, method: Method, out: Path,
+             extra: list[L.Callback] | None) -> tuple[L.Trainer, Preemption]:
     """The Lightning trainer with the run's callbacks, TensorBoard logger and cluster plugins."""
     m = cfg.monitor
     preemption = Preemption(str(out / "checkpoints" / "last.ckpt"))
@@ -216,7 +219,8 @@ def _trainer(cfg: RunConfig, out: Path, extra: list[L.Callback] | None) -> tuple
     # Preemption replaces Lightning's SLURM auto-requeue (see train.callbacks.Preemption).
     slurm_managed = SLURMEnvironment.detect() and not TorchElasticEnvironment.detect()  # torchrun inside SLURM
     plugins = [SLURMEnvironment(auto_requeue=False)] if slurm_managed else None
-    trainer = L.Trainer(**trainer_kwargs(cfg), default_root_dir=str(out), logger=logger, callbacks=callbacks,
+    trainer = L.Trainer(**trainer_kwargs(cfg, method.find_unused_parameters), default_root_dir=str(out), logger=logger,
+                        callbacks=callbacks,
                         num_sanity_val_steps=0, plugins=plugins)
     return trainer, preemption
 
@@ -269,7 +273,7 @@ def main(argv: list[str] | None = None, callbacks: list[L.Callback] | None = Non
                               [build_loss(c) for c in cfg.loss_configs],
                               int(teacher.scheduler.config.num_train_timesteps), cfg.monitor.timestep_buckets,
                               cuda_graphs=graphs)
-    trainer, preemption = _trainer(cfg, out, callbacks)
+    trainer, preemption = _trainer(cfg, method, out, callbacks)
     # The batches come from the trajectory source inside the system; the loader only counts steps.
     steps = DataLoader(range(cfg.trainer.max_steps), batch_size=None, shuffle=False)
     phases.done("trajectories ready")

@@ -326,12 +326,15 @@ class RunConfig:
     """Everything a run needs. Sections map one-to-one to the YAML recipes in ``configs/``; the method's section
     (named after ``method``) and ``losses`` are added by :func:`load_config` (see the module docstring).
 
+    ``plugins``: Python modules imported before the config is read, so that the methods, quantizers, loss terms
+    and module kinds they register can be named here (a method defined outside ``qat/methods``).
     ``export``: write the packed low-bit model (:mod:`train.export_run`) to ``<output_dir>/export`` at the end.
     ``resume``: ``last`` (``<output_dir>/checkpoints/last.ckpt``, which must exist), ``auto`` (``last`` if it exists,
     else a fresh start: the setting for requeued cluster jobs) or a checkpoint path.
     """
 
     method: str = DEFAULT_METHOD
+    plugins: list[str] = field(default_factory=list)
     output_dir: str = "runs/default"
     export: bool = True
     resume: str | None = None
@@ -580,6 +583,26 @@ def _read(argv: list[str]) -> tuple[list[tuple[str, dict]], list[str]]:
     return sources, []
 
 
+def _import_plugins(sources: list[tuple[str, dict]]) -> list[str]:
+    """Imports the modules named by ``plugins`` (the last source that sets it wins); one error per failure."""
+    import importlib
+
+    plugins: Any = []
+    where = "defaults"
+    for source, data in sources:
+        if "plugins" in data:
+            plugins, where = data["plugins"], source
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        return [f"plugins: must be a list of module names, got {plugins!r} (from {where})"]
+    errors = []
+    for name in plugins:
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # any failure of a user's module is reported with its name
+            errors.append(f"plugins: cannot import {name!r} (from {where}): {type(err).__name__}: {err}")
+    return errors
+
+
 def load_config(argv: list[str]) -> RunConfig:
     """Builds the validated :class:`RunConfig` from ``["config=<name or path>", "key=value", ...]``.
 
@@ -587,6 +610,7 @@ def load_config(argv: list[str]) -> RunConfig:
     keys, wrong types, bad values, impossible combinations), each naming its full key.
     """
     sources, errors = _read(argv)
+    errors += _import_plugins(sources)
     method: str | None = DEFAULT_METHOD
     for _, data in sources:
         method = data.get("method", method)
@@ -598,10 +622,10 @@ def load_config(argv: list[str]) -> RunConfig:
     losses = ["output_mse"]
     for source, data in sources:
         _migrate(data, moved, source)
-        requested = data.get("losses") or {}
+        requested = data.get("losses", {})
         if not isinstance(requested, dict):
-            errors.append(f"losses: must be a mapping of loss names to their settings, got {requested!r} (from "
-                          f"{source})")
+            errors.append(f"losses: must be a mapping of loss names to their settings, e.g. "
+                          f"{{output_mse: {{weight: 1.0}}}}, got {requested!r} (from {source})")
             data.pop("losses")
             continue
         for name in list(requested):
@@ -635,7 +659,11 @@ def load_config(argv: list[str]) -> RunConfig:
     if cfg is not None:
         errors += [e for e in validate(cfg) if e.split(".")[0].split(":")[0] not in failed]
         if method is not None and method not in failed and not any(e.startswith(f"{method}.") for e in errors):
-            errors += [f"{key}: {msg}" for key, msg in build_method(cfg).problems_with(cfg)]
+            built = build_method(cfg)
+            errors += [f"{key}: {msg}" for key, msg in built.problems_with(cfg)]
+            if not cfg.loss_configs and not any(t.config.weight > 0 for t in built.loss_terms()):
+                errors.append("losses: every term has weight 0 and the method adds none; set e.g. "
+                              "losses.output_mse.weight=1.0")
     if errors:
         raise ConfigError(errors)
     return cfg

@@ -14,7 +14,6 @@ Layout of ``<out>`` (a diffusers-style model directory; :func:`qat.load_quantize
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 from pathlib import Path
@@ -95,8 +94,8 @@ def export_run(student: torch.nn.Module, teacher: Teacher, cfg: RunConfig, out: 
     card = {"base_model": cfg.teacher.path, "method": f"{cfg.method} ({method.describe()})",
             "evaluation": evaluation_summary(run_dir) if run_dir is not None else None,
             "source run": str(run_dir) if run_dir is not None else None}
-    converted = method.convert(copy.deepcopy(student))  # the caller's student stays as trained
-    unet_dir = export_quantized(converted, out / "unet", model_card=card)
+    # the method finalises export_quantized's own working copy: the caller's student stays as trained
+    unet_dir = export_quantized(student, out / "unet", model_card=card, convert_fn=method.convert)
     (unet_dir / CARD_NAME).unlink()  # the card lives at the model root, with subfolder-aware instructions
     root = resolve_path(cfg.teacher.path)
     shutil.copytree(root / cfg.teacher.scheduler_subfolder, out / "scheduler", dirs_exist_ok=True)

@@ -180,8 +180,12 @@ def deepspeed_kwargs(strategy: str, micro_batch: int) -> dict[str, Any]:
             "logging_batch_size_per_gpu": micro_batch}
 
 
-def trainer_kwargs(cfg: RunConfig) -> dict[str, Any]:
-    """``lightning.Trainer`` keyword arguments from ``cfg.trainer`` (DeepSpeed strategies become strategy objects)."""
+def trainer_kwargs(cfg: RunConfig, find_unused_parameters: bool = False) -> dict[str, Any]:
+    """``lightning.Trainer`` keyword arguments from ``cfg.trainer`` (DeepSpeed strategies become strategy objects).
+
+    ``find_unused_parameters``: the method's flag (:attr:`qat.methods.Method.find_unused_parameters`); with DDP,
+    parameters that get no gradient in a step are then allowed.
+    """
     import dataclasses
 
     kwargs = dataclasses.asdict(cfg.trainer)
@@ -190,4 +194,8 @@ def trainer_kwargs(cfg: RunConfig) -> dict[str, Any]:
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
         kwargs["strategy"] = DeepSpeedStrategy(**deepspeed_kwargs(strategy, cfg.trajectories.batch_size))
+    elif strategy == "ddp" and find_unused_parameters:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        kwargs["strategy"] = DDPStrategy(find_unused_parameters=True)
     return kwargs

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 import qat
 from qat.losses import LossInputs, LossTerm
 from qat.methods import Method
-from qat.taps import FeatureTaps
+from qat.taps import FeatureTaps, resolve_taps
 from train.config import OptimConfig
 from train.data.trajectories import CachedTrajectories, OnlineTrajectories, TrajectoryBatch
 from train.models.families import denoise, model_dtype
@@ -50,7 +50,9 @@ class StepRunner:
         self.system, self.batch = system, batch
 
     def student(self, x: Tensor, t: Tensor) -> Tensor:
-        return self.system.forward_student(x, t, self.batch)
+        # no reuse of the timestep tensors: the step's own forward reuses them, and this output's backward (if it
+        # has one) still needs its own
+        return self.system.forward_model(self.system.student, x, t, self.batch, reuse=False)
 
     @torch.no_grad()
     def teacher(self, x: Tensor, t: Tensor) -> Tensor:
@@ -87,10 +89,13 @@ class DistillQATSystem(L.LightningModule):
         self.data = data
         self.optim_cfg = optim
         self.guidance = guidance
-        # children: a term's buffers (e.g. a projection) follow the device and the checkpoint
-        self.loss_terms = nn.ModuleList([*losses, *method.loss_terms()])
-        self.taps = list(dict.fromkeys(p for term in self.loss_terms for p in term.taps()))
-        self.taps += [p for p in method.taps(student) if p not in self.taps]
+        # children: a term's buffers (e.g. a projection) follow the device and the checkpoint; weight 0 is off
+        self.loss_terms = nn.ModuleList([t for t in (*losses, *method.loss_terms()) if t.config.weight > 0])
+        patterns = list(dict.fromkeys(p for term in self.loss_terms for p in term.taps()))
+        patterns += [p for p in method.taps(student) if p not in patterns]
+        # Resolved once, on the float teacher: the same names exist in the student (a wrapped layer keeps its
+        # name), while a pattern resolved on the student would also catch its quantizers and adapters.
+        self.taps = resolve_taps(teacher.unet, patterns) if patterns else []
         self.num_train_timesteps = num_train_timesteps
         self.timestep_buckets = timestep_buckets
         self.cuda_graphs = cuda_graphs
@@ -121,7 +126,9 @@ class DistillQATSystem(L.LightningModule):
             with qat.timestep(model, t, modules, reuse=reuse):
                 return denoise(model, x, t, None).float()
         tt = torch.cat([t, t])
-        context = torch.cat([batch.uncond, batch.cond]).to(x.dtype)  # a bf16 teacher's embedder gives bf16
+        context = torch.cat([batch.uncond, batch.cond])
+        if context.is_floating_point():  # a bf16 teacher's embedder gives bf16; DiT's integer labels stay integers
+            context = context.to(x.dtype)
         with qat.timestep(model, tt, modules, reuse=reuse):
             return denoise(model, torch.cat([x, x]), tt, context).float()
 
@@ -134,14 +141,14 @@ class DistillQATSystem(L.LightningModule):
             return {}
         if batch.teacher_features:  # captured by the online source's own teacher call on these inputs
             return batch.teacher_features
-        with torch.no_grad(), FeatureTaps(self.teacher_unet, self.taps) as tapped:
+        with torch.no_grad(), FeatureTaps(self.teacher_unet, names=self.taps) as tapped:
             self.forward_model(self.teacher_unet, batch.x, batch.t, batch, reuse=False)
         return tapped.features
 
     def student_loss(self, batch: TrajectoryBatch) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """``(loss, per-sample loss (B,), {term name: unweighted mean})`` of the student on ``batch``."""
         self.method.before_student_forward(self.student, batch, StepRunner(self, batch))
-        with FeatureTaps(self.student, self.taps) as tapped:
+        with FeatureTaps(self.student, names=self.taps) as tapped:
             out = self.forward_student(batch.x, batch.t, batch)
         inputs = LossInputs(student_out=out, teacher_out=batch.targets(), t=batch.t, guided=batch.cond is not None,
                             guidance=self.guidance, student_features=tapped.features,

@@ -49,7 +49,7 @@ class LossInputs:
     Attributes:
         student_out: the student's prediction, ``(N, *sample_shape)`` float32.
         teacher_out: the teacher's prediction on the same inputs, same shape (the distillation target).
-        t: ``(N,)`` timesteps of the rows.
+        t: ``(B,)`` timesteps of the samples (with guidance, rows ``i`` and ``B + i`` share ``t[i]``).
         guided: whether the rows are ``[uncond; cond]``.
         guidance: the CFG scale ``w`` of the trajectories.
         student_features: tapped module name -> the student's output (with its autograd graph).

@@ -32,7 +32,6 @@ class FeatureMSEConfig(LossConfig):
     taps: list[str] = field(default_factory=list)
 
 
-
 @register_loss(FeatureMSEConfig)
 class FeatureMSE(LossTerm):
     """Mean over tapped modules of the elementwise MSE between student and teacher features (a scalar)."""
@@ -49,9 +48,11 @@ class FeatureMSE(LossTerm):
         return list(self.config.taps)
 
     def forward(self, inputs: LossInputs) -> Tensor:
-        names = sorted(n for n in inputs.student_features if any(match(n, p) for p in self.config.taps))
-        if not names:
-            raise ValueError("feature_mse: no tapped features in this step (are its taps attached?)")
+        names = sorted(n for n in inputs.teacher_features if any(match(n, p) for p in self.config.taps))
+        missing = [n for n in names if n not in inputs.student_features]
+        if not names or missing:
+            raise ValueError(f"feature_mse: taps {self.config.taps} gave no teacher feature, or features the student "
+                             f"lacks ({missing[:3]}); are the taps attached to both models?")
         terms = [(inputs.student_features[n].float() - inputs.teacher_features[n].float()).pow(2).mean()
                  for n in names]
         return torch.stack(terms).mean()

@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from torch import Tensor, nn
 
@@ -48,7 +48,7 @@ from qat.losses.base import LossTerm
 from qat.prepare import convert
 from qat.registry import Registry
 
-__all__ = ["Method", "Calibration", "METHODS", "register_method", "build_method"]
+__all__ = ["Method", "Calibration", "ModelRunner", "METHODS", "register_method", "build_method"]
 
 
 @dataclass
@@ -68,6 +68,21 @@ class Calibration:
     seed: int = 0
 
 
+class ModelRunner(Protocol):
+    """Runs the student or the teacher on other inputs with the current step's conditions (what
+    :meth:`Method.before_student_forward` receives).
+
+    Both take ``x (B, *sample_shape)`` and ``t (B,)`` and return the raw prediction of the guidance batch
+    (``[uncond; cond]``, ``2B`` rows, with conditioning; ``B`` rows without). The teacher runs under ``no_grad``;
+    the student with gradients where enabled. To record features of such a call, wrap it in
+    :class:`qat.taps.FeatureTaps`.
+    """
+
+    def student(self, x: Tensor, t: Tensor) -> Tensor: ...
+
+    def teacher(self, x: Tensor, t: Tensor) -> Tensor: ...
+
+
 class Method:
     """Base class of a QAT method (see the module docstring for the order of the hooks).
 
@@ -83,6 +98,9 @@ class Method:
     moved_keys: ClassVar[dict[str, str]] = {}
     #: the training data carries each sample's previous trajectory step (``TrajectoryBatch.previous``)
     needs_previous_step: ClassVar[bool] = False
+    #: some trainable parameters may get no gradient in a step (a schedule switches parts off): data-parallel
+    #: training then looks for unused parameters (``DDPStrategy(find_unused_parameters=True)``)
+    find_unused_parameters: ClassVar[bool] = False
 
     def __init__(self, config: Any) -> None:
         if not isinstance(config, self.config_class):
@@ -158,10 +176,11 @@ class Method:
         """Per-step schedule, before the step's forward (every process runs it alike); returns scalars to log."""
         return {}
 
-    def before_student_forward(self, student: nn.Module, batch: Any,
-                               forward: Callable[[Tensor, Tensor], Tensor]) -> None:
-        """Called before the student's training forward with the step's batch and ``forward(x, t)``, which runs
-        the student on other inputs with the batch's conditions (e.g. the previous trajectory step)."""
+    def before_student_forward(self, student: nn.Module, batch: Any, runner: ModelRunner) -> None:
+        """Called before the student's training forward with the step's batch (``batch.previous`` holds each
+        sample's previous trajectory step with :attr:`needs_previous_step`) and a :class:`ModelRunner` that runs
+        the student or the teacher on other inputs with the batch's conditions. The state it leaves in the
+        student's modules is what the step's forward sees."""
 
 
 #: name -> method class

@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from qat.checks import at_least, one_of, raise_problems
-from qat.families import FAMILY_RULES
+from qat.families import FAMILY_RULES, family_rules
 from qat.methods.base import Method, register_method
 from qat.optim import param_groups
 from qat.prepare import LayerRule, QuantSpec, prepare
@@ -119,7 +119,7 @@ class EfficientDMConfig:
 def efficientdm_spec(cfg: EfficientDMConfig, family: str = "unet") -> QuantSpec:
     """The :class:`QuantSpec` of the EfficientDM student for ``cfg``; ``family`` applies when ``cfg.family`` is
     ``auto``."""
-    fam = FAMILY_RULES[family if cfg.family == "auto" else cfg.family]
+    fam = family_rules(family if cfg.family == "auto" else cfg.family)
     special = list(cfg.special_patterns if cfg.special_patterns is not None else fam.edges)
     default_exclude = fam.shortcuts + fam.downsamplers
     exclude = list(cfg.exclude_patterns if cfg.exclude_patterns is not None else default_exclude) + cfg.extra_exclude

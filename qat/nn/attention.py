@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from qat.nn.exportable import ExportTensorError, register_exportable
+from qat.quantizers.affine import AffineConfig
 from qat.quantizers.base import Quantizer, QuantizerConfig, build_quantizer, config_from_entry, quantizer_entry
 
 _PARTS = ("q", "k", "v", "probs")
@@ -42,6 +43,9 @@ class QuantAttnProcessor(nn.Module):
 
     def __init__(self, config: QuantizerConfig, probs_config: QuantizerConfig | None = None) -> None:
         super().__init__()
+        if not isinstance(config, AffineConfig) or not isinstance(probs_config, (AffineConfig, type(None))):
+            raise ValueError("attention matmul quantizers must be affine (uniform, lsq, temporal_lsq): the softmax "
+                             "operand's quantizer is the same config made unsigned")
         if config.granularity != "tensor" or (probs_config is not None and probs_config.granularity != "tensor"):
             raise ValueError("attention matmul quantizers support granularity 'tensor' only")
         self.q_quantizer: Quantizer = build_quantizer(config)

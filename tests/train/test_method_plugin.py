@@ -2,7 +2,8 @@
 
 The toy method brings everything a paper's method brings: its own quantizer (ternary weights with its own pack /
 unpack), its own exportable module kind (a convolution with a per-channel gain stored in its own packed form), a
-loss term on a tapped intermediate feature, and a per-step schedule hook. Nothing in ``qat/`` or ``train/`` knows
+loss term on a tapped intermediate feature, a per-step schedule hook, and a pre-forward hook that runs both models
+on each sample's previous trajectory step. Nothing in ``qat/`` or ``train/`` knows
 about it: it is registered here (and unregistered after the test, so that no other test sees it).
 """
 
@@ -163,10 +164,13 @@ class ToyConfig:
 
 class Toy(Method):
     """Ternary weights, static 8-bit activations, a gained output conv, a cosine feature term; the activation
-    quantizers are switched on by the schedule hook at the second step."""
+    quantizers are switched on by the schedule hook at the second step; before each forward, both models run on
+    the previous trajectory step (the student with gradients, as a method feeding a cache would)."""
 
     config_class = ToyConfig
+    needs_previous_step = True
     calls: ClassVar[list[int]] = []
+    previous: ClassVar[list[tuple[list[bool], tuple[int, ...], tuple[int, ...], bool]]] = []
 
     def build_student(self, denoiser: nn.Module, family: str) -> tuple[nn.Module, str]:
         import copy
@@ -186,6 +190,12 @@ class Toy(Method):
     def loss_terms(self) -> list[LossTerm]:
         return [CosineFeature(CosineFeatureConfig(weight=self.config.feature_weight))]
 
+    def before_student_forward(self, student: nn.Module, batch: Any, runner: Any) -> None:
+        prev = batch.previous
+        out = runner.student(prev.x, prev.t)  # with gradients: must not disturb the step's own forward/backward
+        ref = runner.teacher(prev.x, prev.t)
+        Toy.previous.append((prev.valid.tolist(), tuple(out.shape), tuple(ref.shape), out.requires_grad))
+
     def on_train_step(self, student: nn.Module, step: int, max_steps: int) -> dict[str, float]:
         Toy.calls.append(step)
         on = step >= 1
@@ -202,7 +212,7 @@ def toy_method() -> Iterator[type[Toy]]:
     register_exportable("toy_gain_conv")(GainConv)
     register_loss(CosineFeatureConfig)(CosineFeature)
     register_method("toy")(Toy)
-    Toy.calls = []
+    Toy.calls, Toy.previous = [], []
     try:
         yield Toy
     finally:
@@ -223,6 +233,10 @@ def test_a_method_defined_outside_the_platform_trains_samples_exports_and_reload
 
     # the schedule hook ran once per step, before the step, and what it returned was logged
     assert Toy.calls == [0, 1]
+    # the pre-forward hook saw each sample's previous step (none at a trajectory's first step, online data) and ran
+    # both models on it: [uncond; cond] rows of the 2 trajectories, the student's with a graph
+    assert [p[0] for p in Toy.previous] == [[False, False], [True, True]]
+    assert all(p[1] == p[2] == (4, 1, 8, 8) and p[3] for p in Toy.previous)
     acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
     switched = [e.value for e in acc.Scalars("method/act_quantizers_on")]
@@ -295,3 +309,27 @@ def test_the_toy_method_is_refused_once_unregistered(tmp_path: Path) -> None:
     assert "toy" not in METHODS and "toy_ternary" not in QUANTIZERS and "toy_gain_conv" not in EXPORTABLE
     with pytest.raises(ConfigError, match=r"method: 'toy' is not allowed; choose one of \['efficientdm'\]"):
         load_config(["config=efficientdm_digits.yaml", "method=toy"])
+
+
+def test_a_plugin_module_named_in_the_config_is_imported_first(tmp_path: Path, monkeypatch) -> None:
+    """``plugins: [module]`` imports a user's module (which registers a method) before the config is read."""
+    import sys
+
+    (tmp_path / "my_toy_plugin.py").write_text(
+        "from dataclasses import dataclass\n"
+        "from qat.methods import Method, register_method\n"
+        "@dataclass\n"
+        "class PluginConfig:\n"
+        "    lr: float = 0.5\n"
+        "@register_method('plugin_toy')\n"
+        "class PluginToy(Method):\n"
+        "    config_class = PluginConfig\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        cfg = load_config(["teacher.path=assets/digits_teacher", "plugins=[my_toy_plugin]", "method=plugin_toy",
+                           "plugin_toy.lr=0.25"])
+        assert cfg.method == "plugin_toy" and cfg.plugin_toy.lr == 0.25 and cfg.plugins == ["my_toy_plugin"]
+    finally:
+        if "plugin_toy" in METHODS:
+            METHODS.unregister("plugin_toy")
+        sys.modules.pop("my_toy_plugin", None)

@@ -157,7 +157,7 @@ class OnlineTrajectories:
     def next_batch(self, device: torch.device | str, taps: list[str] | None = None) -> TrajectoryBatch:
         """The teacher's ``(x_t, t, c)`` at the next step and its predictions; advances ``x_t`` with DDIM.
 
-        ``taps``: module-name patterns whose outputs the teacher's call also records (``batch.teacher_features``).
+        ``taps``: module names whose outputs the teacher's call also records (``batch.teacher_features``).
         """
         if self.step >= self.num_steps:
             self._start()
@@ -166,7 +166,7 @@ class OnlineTrajectories:
         t_val = self.scheduler.timesteps[self.step]
         t = batch_timesteps(t_val, x.shape[0], device)
         cond, uncond = self.teacher.contexts(self.labels.to(device))
-        with FeatureTaps(unet, taps or []) as tapped:
+        with FeatureTaps(unet, names=taps or []) as tapped:
             eps, eps_c, eps_u = guided_eps(unet, x, t, cond, uncond, self.guidance, self._timestep_modules)
         if self.prev_x is None:
             previous = PreviousStep(x.float(), t, torch.zeros(x.shape[0], dtype=torch.bool, device=device))

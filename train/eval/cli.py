@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from train.config import ConfigError, load_config
+from train.config import ConfigError, build_method, load_config
 
 __all__ = ["main", "resolve_source"]
 
@@ -102,9 +102,10 @@ def main(argv: list[str] | None = None) -> Path:
     samples = {}
     variants["fp"], samples["fp"] = evaluator.evaluate(None)
     if extra.get("ptq", "true").lower() not in ("false", "0", "no"):
-        ptq_student, _ = build_student(cfg, teacher)
+        method = build_method(cfg)  # one instance for building and initialising the PTQ student
+        ptq_student, _ = build_student(cfg, teacher, method)
         ptq_student.to(device)
-        calibrate_student(cfg, ptq_student, teacher, device)
+        calibrate_student(cfg, ptq_student, teacher, device, method)
         variants["ptq"], samples["ptq"] = evaluator.evaluate(ptq_student)
         del ptq_student
     variants["qat"], samples["qat"] = evaluator.evaluate(student)

@@ -70,6 +70,7 @@ def heldout_eps_mse(model: nn.Module, held: HeldOut, batch_size: int = 256) -> d
         sl = slice(start, min(start + batch_size, n))
         x, t = d["x"][sl].to(device), d["t"][sl].to(device)
         cond, uncond = held.teacher.contexts(d["labels"][sl].to(device))
+        qat.reset_sampling_state(model)  # every batch is a set of independent samples
         eps, _, _ = guided_eps(model, x, t, cond, uncond, held.guidance, modules)
         target = d["eps_cond"][sl].to(device)
         if "eps_uncond" in d:

@@ -58,6 +58,9 @@ def guided_eps(model: nn.Module, x: Tensor, t: Tensor, cond: Tensor | None, unco
                family: str | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(eps_u + w (eps_c - eps_u), eps_c, eps_u)`` in float32 from one batched call (uncond first, as CompVis LDM).
 
+    The guidance combination runs in float32 also for a bf16 model (its outputs are cast first), so that trajectory,
+    calibration, evaluation and sampling targets do not carry a bf16 rounding of the difference ``eps_c - eps_u``.
+
     ``t`` is ``(B,)``; timestep-aware modules of ``model`` are set from it for the duration of the call. Without
     ``uncond`` (no guidance) the model runs once on ``cond`` (or unconditioned) and ``eps = eps_c``. Inputs and
     floating-point contexts are cast to the model's parameter dtype (a bf16 teacher next to an fp32 student); label
@@ -125,7 +128,6 @@ def flow_step(v: Tensor, x: Tensor, sigma: float, sigma_next: float, eta: float,
     c2 = eta**2 * (1.0 - abar_n) / (1.0 - abar) * (1.0 - abar / abar_n)
     c2 = min(c2, 1.0 - abar_n)  # rounding guard: the deterministic part keeps a non-negative weight
     return r2_n**0.5 * (abar_n**0.5 * x0 + (1.0 - abar_n - c2) ** 0.5 * eps + c2**0.5 * noise)
-
 
 
 def make_scheduler(name: str, base: SchedulerMixin) -> SchedulerMixin:

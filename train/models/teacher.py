@@ -20,7 +20,7 @@ error that says what to put where.
 
 Trajectory sampler (:meth:`Teacher.ddim`): DDIM on the teacher's noise schedule (CogVideoX's own DDIM class, so that
 its SNR shift is kept), or, for flow-matching teachers (Wan), the flow counterpart of DDIM on the teacher's shifted
-sigma schedule (:func:`train.data.trajectories.flow_step`).
+sigma schedule (:func:`train.models.pipeline.flow_step`).
 """
 
 from __future__ import annotations

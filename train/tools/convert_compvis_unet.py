@@ -59,8 +59,6 @@ KeyMap = dict[str, str | tuple[str, str, str]]
 
 QKV_ORDERS = ("legacy", "new")
 
-#: Config key of per-module head counts (``UNet2DModel`` of a ``num_heads`` UNet whose head dim changes per level).
-
 # Config values of a UNet2DConditionModel that add modules (or change their names or maths) which the CompVis UNet
 # has no counterpart for; the converter supports only the value given here.
 _CROSS_ATTN_REQUIRED: dict[str, Any] = {
