@@ -70,6 +70,9 @@ class LossInputs:
 class LossTerm(nn.Module):
     """Base class of a loss term (see the module docstring).
 
+    A term may hold buffers (a fixed projection, moved and checkpointed with the trainer), not trainable
+    parameters: the optimizer's groups come from the method.
+
     Args:
         config: the term's config; ``config.weight`` is applied by the caller, not by :meth:`forward`.
 
