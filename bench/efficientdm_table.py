@@ -78,10 +78,16 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     note = (f"\n\nCommand: `{command.strip()}` on {machine_description()}; {sampler['num_samples']} class-balanced "
             f"samples per row ({sampler['scheduler']} {sampler['steps']} steps, CFG {sampler['guidance_scale']}, "
             f"eta {sampler['eta']}); run times (s): {seconds}.")
-    (out / "table.md").write_text(text + note + "\n")
-    (out / "table.json").write_text(json.dumps({"runs": results, "seconds": seconds, "command": command}, indent=2))
-    print(text + note)
+    save_table(out, text + note, {"runs": results, "seconds": seconds, "command": command})
     return results
+
+
+def save_table(out: Path, markdown: str, record: dict) -> None:
+    """Writes ``<out>/table.md`` and ``<out>/table.json`` and prints the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(markdown + "\n")
+    (out / "table.json").write_text(json.dumps(record, indent=2))
+    print(markdown)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,34 @@
 """Writes a random-weight teacher with the LDM-4 ImageNet (CompVis cin256-v2) layout in diffusers format.
 
     python bench/make_random_ldm4.py --output /tmp/ldm4-random
+    python bench/make_random_ldm4.py --output /tmp/ldm4-bedrooms-random --layout lsun_bedrooms-ldm-vq-4
 
 The UNet is a ``UNet2DConditionModel`` shaped like cin256-v2 (block_out_channels (192, 384, 576, 960), 2 layers per
 block, cross-attention at the three lower resolutions, one head, context 512, 3x64x64 VQ-f4 latents: 400.9M
 parameters), the class embedder has 1001 rows (null class 1000) and the scheduler uses LDM's "linear" betas
 (0.0015..0.0195 in sqrt space = diffusers' ``scaled_linear``). For benchmarks and GPU smoke runs of the real-size
 recipe without the real weights; the numbers it produces say nothing about quality.
+
+``--layout lsun_bedrooms-ldm-vq-4`` writes the unconditional LSUN-Bedrooms LDM-4 instead, as the CompVis converter
+builds it (:mod:`train.tools.convert_compvis`: a ``UNet2DModel`` with legacy attention blocks, 224 base channels,
+multipliers (1, 2, 3, 4), 32-channel heads at the three lower resolutions, 274.1M parameters) and its scheduler;
+train it with ``teacher.conditioning=none``.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from train.models.class_embedder import ClassEmbedder
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # runnable from a clone without installing the package
+    sys.path.insert(0, str(REPO))
+
+from train.models.class_embedder import ClassEmbedder  # noqa: E402
 
 
 def ldm4_unet() -> UNet2DConditionModel:
@@ -30,13 +41,29 @@ def ldm4_unet() -> UNet2DConditionModel:
     )
 
 
+def write_converter_layout(layout: str, out: Path) -> None:
+    """``unet/`` and ``scheduler/`` of a CompVis layout (:data:`train.tools.convert_compvis.LAYOUTS`), random
+    weights."""
+    from train.tools.convert_compvis import LAYOUTS, teacher_spec
+    from train.tools.convert_compvis_unet import build_unet
+
+    spec = teacher_spec(LAYOUTS[layout])
+    build_unet(spec.unet_config).save_pretrained(str(out / "unet"))
+    DDPMScheduler(**spec.scheduler_config).save_pretrained(str(out / "scheduler"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layout", default="cin256-v2", choices=["cin256-v2", "lsun_bedrooms-ldm-vq-4"])
     args = parser.parse_args()
     out = Path(args.output)
     torch.manual_seed(args.seed)
+    if args.layout != "cin256-v2":
+        write_converter_layout(args.layout, out)
+        print(f"wrote {out}")
+        return
     ldm4_unet().save_pretrained(str(out / "unet"))
     ClassEmbedder(num_classes=1000, embed_dim=512).save_pretrained(str(out / "class_embedder"))
     DDPMScheduler(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195, beta_schedule="scaled_linear",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["round_ste", "grad_scale", "sign_ste", "fake_quantize_ste", "fake_quantize_lowrank_ste",
+__all__ = ["round_ste", "grad_scale", "sign_ste", "binarize_ste", "fake_quantize_ste", "fake_quantize_lowrank_ste",
            "fake_quantize_forward", "fake_quantize_backward"]
 
 
@@ -46,6 +46,68 @@ def sign_ste(x: Tensor) -> Tensor:
     forward = torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
     clipped = x.clamp(-1.0, 1.0)
     return clipped + (forward - clipped).detach()
+
+
+class _BinarizeSTE(torch.autograd.Function):
+    """One autograd node for the residual multi-basis binarizer, see :func:`binarize_ste`."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scales: Tensor, shape: tuple[int, ...]) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, scales)
+        ctx.shape = shape
+        r, out = x.float(), None
+        for k in range(scales.shape[0]):
+            y = scales[k].float().reshape(shape) * torch.where(r >= 0, 1.0, -1.0)
+            out = y if out is None else out + y
+            if k + 1 < scales.shape[0]:
+                r = r - y
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, scales = ctx.saved_tensors
+        shape, n = ctx.shape, scales.shape[0]
+        residuals, r = [], x.float()
+        for k in range(n):  # r_0 .. r_{K-1} again: only x and the scales were kept
+            residuals.append(r)
+            if k + 1 < n:
+                r = r - scales[k].float().reshape(shape) * torch.where(r >= 0, 1.0, -1.0)
+        g = grad_out.float()
+        grad_r: Tensor | None = None  # dL/dr_{k+1}; r_K feeds nothing
+        grad_s = torch.empty_like(scales, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        for k in reversed(range(n)):
+            r = residuals[k]
+            s = scales[k].float().reshape(shape)
+            grad_y = g if grad_r is None else g - grad_r  # y_k enters out (+) and r_{k+1} (-)
+            if grad_s is not None:
+                grad_s[k] = (grad_y * torch.where(r >= 0, 1.0, -1.0)).sum_to_size(shape).reshape(scales.shape[1:])
+            through = torch.where(r.abs() <= 1.0, grad_y * s, 0.0)  # the clipped STE of sign_ste
+            grad_r = through if grad_r is None else grad_r + through
+        grad_x = grad_r.to(x.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, None if grad_s is None else grad_s.to(scales.dtype), None
+
+
+def binarize_ste(x: Tensor, scales: Tensor, channel_axis: int | None = 0) -> Tensor:
+    """The residual multi-basis binarizer of BinaryDM (Zheng et al., ICLR 2025, Eq. 1) as one autograd node:
+
+        Q(x) = sum_k s_k b_k,    b_k = sign_ste(r_k),    r_0 = x,    r_{k+1} = r_k - s_k b_k
+
+    with ``sign_ste``'s values ({-1, +1}, 0 to +1) and its clipped gradient (1 where ``|r_k| <= 1``); the value and
+    both gradients are those of the composition through :func:`sign_ste` (``tests/qat/test_ste.py``), computed in
+    float32 and returned in ``x.dtype``. Composed, autograd keeps ``r_k``, ``b_k`` and their products for every
+    basis, several weight-sized float32 tensors per layer; this node keeps ``x`` and the scales only and recomputes
+    the signs in backward.
+
+    Args:
+        x: any shape (a weight: ``(C_out, ...)``).
+        scales: ``(K, C)`` with ``C = x.shape[channel_axis]``, or ``(K,)`` with ``channel_axis=None`` (one scale
+            per basis for the whole tensor).
+        channel_axis: the axis of ``x`` the scales run along.
+    """
+    shape = [1] * x.dim()
+    if channel_axis is not None:
+        shape[channel_axis] = x.shape[channel_axis]
+    return _BinarizeSTE.apply(x, scales, tuple(shape))
 
 
 class _FakeQuantizeSTE(torch.autograd.Function):

@@ -5,6 +5,10 @@ name          config             term
 ============  =================  ==========================================================
 output_mse    OutputMSEConfig    student vs teacher prediction (CFG-combined or per branch)
 feature_mse   FeatureMSEConfig   student vs teacher tapped features
+lrm           LowRankMimicking-  tapped features in the teacher's low-rank principal space
+              Config             (BinaryDM's low-rank representation mimicking)
+basis_l1      BasisL1Config      L1 of the binary quantizers' scales beyond the first basis
+                                 (BinaryDM's evolvable-basis penalty)
 ============  =================  ==========================================================
 """
 
@@ -12,7 +16,10 @@ from __future__ import annotations
 
 from qat.losses.base import LOSSES, LossConfig, LossInputs, LossTerm, build_loss, register_loss
 from qat.losses.feature import FeatureMSE, FeatureMSEConfig
+from qat.losses.lowrank import LowRankMimicking, LowRankMimickingConfig
 from qat.losses.output import OutputMSE, OutputMSEConfig
+from qat.losses.regularizers import BasisL1, BasisL1Config
 
 __all__ = ["LOSSES", "LossConfig", "LossInputs", "LossTerm", "build_loss", "register_loss", "OutputMSE",
-           "OutputMSEConfig", "FeatureMSE", "FeatureMSEConfig"]
+           "OutputMSEConfig", "FeatureMSE", "FeatureMSEConfig", "LowRankMimicking", "LowRankMimickingConfig",
+           "BasisL1", "BasisL1Config"]

@@ -4,6 +4,7 @@
 name           class                 paper
 =============  ====================  ===============================================================
 efficientdm    EfficientDM           He et al., ICLR 2024, arXiv:2310.03270
+binarydm       BinaryDM              Zheng et al., ICLR 2025, arXiv:2404.05662
 =============  ====================  ===============================================================
 
 ``docs/methods.md`` walks through adding one.
@@ -12,7 +13,8 @@ efficientdm    EfficientDM           He et al., ICLR 2024, arXiv:2310.03270
 from __future__ import annotations
 
 from qat.methods.base import METHODS, Calibration, Method, build_method, register_method
+from qat.methods.binarydm import BinaryDM, BinaryDMConfig
 from qat.methods.efficientdm import EfficientDM, EfficientDMConfig
 
 __all__ = ["METHODS", "Method", "Calibration", "build_method", "register_method", "EfficientDM",
-           "EfficientDMConfig"]
+           "EfficientDMConfig", "BinaryDM", "BinaryDMConfig"]

@@ -9,9 +9,15 @@ binarizer of BinaryDM (Zheng et al., ICLR 2025, arXiv:2404.05662, Eq. 5: ``s_I s
 sign(w))``). ``sign`` maps 0 to +1. Initialisation (:meth:`BinaryQuantizer.initialize_`) is the l1 mean of each
 residual, ``s_k = mean |r_k|`` per channel, as XNOR-Net and BinaryDM's code.
 
-Gradients: ``sign`` is :func:`qat.ste.sign_ste` (the clipped straight-through estimator, gradient 1 where
-``|r_k| <= 1``), and (1) is differentiated as written, so ``dQ/ds_k = b_k - sum_{j>k} s_j [|r_j| <= 1] b_k``; for
+Gradients: (1) runs as one autograd node, :func:`qat.ste.binarize_ste`: ``sign`` has the gradient of
+:func:`qat.ste.sign_ste` (the clipped straight-through estimator, 1 where ``|r_k| <= 1``), and (1) is differentiated
+as written, so ``dQ/ds_k = b_k - sum_{j>k} s_j [|r_j| <= 1] b_k``; for
 ``K = 2`` that is BinaryDM's Eq. 7-8: ``dQ/ds_I = sign(w) (1 - s_II [|r_1| <= 1])``, ``dQ/ds_II = sign(r_1)``.
+
+Active bases: a schedule may switch the last bases off (BinaryDM's evolvable-basis binarizer trains two bases and
+ends with one): :meth:`BinaryQuantizer.set_active_bases_` sets the ``active_bases`` buffer (saved in every state
+dict, so a resumed or reloaded student keeps its count) and the sum in (1) stops after that many bases;
+:meth:`BinaryQuantizer.collapse_` then drops the inactive scales for good (before export).
 
 Storage (:meth:`BinaryQuantizer.pack_weight`): one bit per element and basis (``b_k = +1`` stored as 1), eight per
 byte, plus the scales; the reloaded weight is ``sum_k s_k b_k``, exactly the forward value.
@@ -19,9 +25,10 @@ byte, plus the scales; the reloaded weight is ``sum_k s_k b_k``, exactly the for
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +36,7 @@ from torch import Tensor, nn
 from qat.checks import at_least, one_of
 from qat.packing import pack, packed_numel, unpack
 from qat.quantizers.base import Quantizer, QuantizerConfig, register_quantizer
-from qat.ste import sign_ste
+from qat.ste import binarize_ste
 
 __all__ = ["BinaryConfig", "BinaryQuantizer"]
 
@@ -82,6 +89,42 @@ class BinaryQuantizer(Quantizer):
             self.scale = nn.Parameter(scale)
         else:
             self.register_buffer("scale", scale)
+        self.register_buffer("active_bases", torch.tensor(config.num_bases))
+        self._active: int | None = config.num_bases  # the buffer's value, read once per load (no GPU sync per call)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._active = None
+
+    @property
+    def num_active(self) -> int:
+        """How many bases the forward sums (``active_bases``; all ``num_bases`` unless a schedule switched some
+        off)."""
+        if self._active is None:
+            self._active = int(self.active_bases)
+        return self._active
+
+    @torch.no_grad()
+    def set_active_bases_(self, n: int) -> None:
+        """Sums only the first ``n`` bases from now on (``1 <= n <= num_bases``); the other scales are kept."""
+        if not 1 <= n <= self.config.num_bases:
+            raise ValueError(f"active bases must be in [1, {self.config.num_bases}], got {n}")
+        self.active_bases.fill_(n)
+        self._active = n
+
+    @torch.no_grad()
+    def collapse_(self) -> None:
+        """Drops the inactive bases: the config becomes ``num_bases = active_bases`` and ``scale`` keeps its first
+        rows. The forward value is unchanged; export stores only the bases that remain."""
+        n = self.num_active
+        if n == self.config.num_bases:
+            return
+        self.config = dataclasses.replace(self.config, num_bases=n)
+        scale = self.scale[:n].detach().clone()
+        if isinstance(self.scale, nn.Parameter):
+            self.scale = nn.Parameter(scale, requires_grad=self.scale.requires_grad)
+        else:
+            self.scale = scale
 
     def _view(self, s: Tensor, x: Tensor) -> Tensor:
         """One basis' scales viewed to broadcast against ``x``."""
@@ -102,20 +145,14 @@ class BinaryQuantizer(Quantizer):
         if not self.enabled:
             return x
         self.check_ready()
-        r = x.float()
-        out = torch.zeros_like(r)
-        for k in range(self.config.num_bases):
-            b = sign_ste(r)
-            sb = self._view(self.scale[k].float(), r) * b
-            out = out + sb
-            r = r - sb
-        return out.to(x.dtype)
+        scales = self.scale[:self.num_active]
+        return binarize_ste(x, scales, self.channel_axis if self.param_shape else None)
 
     @torch.no_grad()
     def signs(self, x: Tensor) -> list[Tensor]:
-        """The ``K`` sign tensors ``b_k`` of ``x`` (values -1 / +1, float32, shape of ``x``)."""
+        """The sign tensors ``b_k`` of ``x`` of the active bases (values -1 / +1, float32, shape of ``x``)."""
         r, out = x.float(), []
-        for k in range(self.config.num_bases):
+        for k in range(self.num_active):
             b = torch.where(r >= 0, 1.0, -1.0)
             out.append(b)
             r = r - self._view(self.scale[k].float(), r) * b
@@ -138,6 +175,9 @@ class BinaryQuantizer(Quantizer):
     @torch.no_grad()
     def pack_weight(self, weight: Tensor) -> dict[str, Tensor]:
         """One bitstream per basis: bit ``i`` is 1 where ``b_k = +1`` (row-major over the weight's shape)."""
+        if self.num_active != self.config.num_bases:
+            raise ValueError(f"active_bases: {self.num_active} of {self.config.num_bases} bases are active; call "
+                             "collapse_() before export so that only the active bases are stored")
         return {name: pack((b > 0).to(torch.uint8), 1) for name, b in zip(self.packed_names(), self.signs(weight))}
 
     @torch.no_grad()
@@ -159,4 +199,5 @@ class BinaryQuantizer(Quantizer):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"bases={c.num_bases}, granularity={c.granularity}, enabled={self.enabled}"
+        active = "" if self.num_active == c.num_bases else f" ({self.num_active} active)"
+        return f"bases={c.num_bases}{active}, granularity={c.granularity}, enabled={self.enabled}"

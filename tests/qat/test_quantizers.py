@@ -490,7 +490,7 @@ def test_binary_fixed_scales_are_buffers() -> None:
     fixed.initialize_(w)
     assert isinstance(learned.scale, nn.Parameter) and [n for n, _ in learned.named_parameters()] == ["scale"]
     assert not isinstance(fixed.scale, nn.Parameter) and list(fixed.parameters()) == []
-    assert {"scale", "initialized"} == set(fixed.state_dict()) == set(learned.state_dict())
+    assert {"scale", "active_bases", "initialized"} == set(fixed.state_dict()) == set(learned.state_dict())
     assert torch.equal(fixed.scale, learned.scale.detach()) and torch.equal(fixed(w), learned(w).detach())
 
 

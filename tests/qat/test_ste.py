@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qat.ste import fake_quantize_lowrank_ste, fake_quantize_ste, grad_scale, round_ste, sign_ste
+from qat.ste import binarize_ste, fake_quantize_lowrank_ste, fake_quantize_ste, grad_scale, round_ste, sign_ste
 
 
 def _wide_values(n: int = 20000) -> torch.Tensor:
@@ -68,6 +68,56 @@ def test_sign_ste_gradient_is_clipped_identity() -> None:
     # Gradient 1 for |x| <= 1 (boundaries included), 0 outside.
     inside = torch.tensor([0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0])
     assert torch.equal(x.grad, upstream * inside)
+
+
+# -- binarize_ste: one node equal to the composition through sign_ste -------------------------------------------------
+
+
+def _binarize_composite(x: torch.Tensor, scales: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    r, out = x.float(), torch.zeros_like(x, dtype=torch.float32)
+    for k in range(scales.shape[0]):
+        y = scales[k].reshape(shape) * sign_ste(r)
+        out, r = out + y, r - y
+    return out
+
+
+@pytest.mark.parametrize("num_bases", [1, 2, 3])
+@pytest.mark.parametrize("channel_axis", [0, 1, None])
+def test_binarize_ste_equals_the_sign_ste_composition(num_bases: int, channel_axis: int | None) -> None:
+    torch.manual_seed(0)
+    x = (torch.randn(6, 5, 3) * 1.5).requires_grad_()  # many |r_k| beyond 1: the clip mask matters
+    channels = 1 if channel_axis is None else x.shape[channel_axis]
+    scales = (torch.rand(num_bases, channels) + 0.3).requires_grad_()
+    shape = [1, 1, 1]
+    if channel_axis is not None:
+        shape[channel_axis] = channels
+    upstream = torch.randn(6, 5, 3)
+    s = scales if channel_axis is not None else scales[:, 0]
+    (binarize_ste(x, s, channel_axis) * upstream).sum().backward()
+    fused = (x.grad.clone(), scales.grad.clone())
+    x.grad = scales.grad = None
+    expected = _binarize_composite(x, s, shape)
+    (expected * upstream).sum().backward()
+    assert torch.equal(binarize_ste(x, s, channel_axis).detach(), expected.detach())
+    torch.testing.assert_close(fused[0], x.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused[1], scales.grad, rtol=1e-5, atol=1e-5)
+    assert fused[0].abs().sum() > 0 and (fused[0] == 0).any()  # both sides of the clip were exercised
+
+
+def test_binarize_ste_two_bases_gradient_by_hand() -> None:
+    """K = 2, one channel: dQ/dw = s_I [|w| <= 1] + s_II [|r_1| <= 1] (1 - s_I [|w| <= 1]) (chain through r_1),
+    dQ/ds_I = b_I - s_II [|r_1| <= 1] b_I, dQ/ds_II = b_II (BinaryDM Eq. 7-8)."""
+    w = torch.tensor([[0.5, -2.0, 1.5, -0.1]], requires_grad=True)
+    scales = torch.tensor([[0.8], [0.3]], requires_grad=True)
+    q = binarize_ste(w, scales, 0)
+    # b_I = [1, -1, 1, -1]; r_1 = w - 0.8 b_I = [-0.3, -1.2, 0.7, 0.7]; b_II = [-1, -1, 1, 1]
+    assert torch.allclose(q, torch.tensor([[0.5, -1.1, 1.1, -0.5]]))
+    q.sum().backward()
+    in_w = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    in_r1 = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    torch.testing.assert_close(w.grad[0], 0.8 * in_w + 0.3 * in_r1 * (1 - 0.8 * in_w))
+    b1, b2 = torch.tensor([1.0, -1.0, 1.0, -1.0]), torch.tensor([-1.0, -1.0, 1.0, 1.0])
+    torch.testing.assert_close(scales.grad[:, 0], torch.stack([(b1 - 0.3 * in_r1 * b1).sum(), b2.sum()]))
 
 
 # -- fake_quantize_ste: the fused path must equal the composite round_ste form ----------------------------------------

@@ -30,13 +30,20 @@ def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_teacher(tmp_path_factory.mktemp("tiny_teacher"))
 
 
-def fast_overrides(teacher: Path, out: Path, steps: int = 2) -> list[str]:
-    """Overrides that shrink any recipe to seconds on a CPU with the tiny teacher."""
-    return [
+#: per method: the overrides of its own section that fit :func:`fast_overrides` (4-step trajectories, 2 steps)
+FAST_METHOD_OVERRIDES = {
+    "efficientdm": ["efficientdm.num_timesteps=4", "efficientdm.lora_rank=4"],
+    "binarydm": ["binarydm.warmup_groups=0"],
+}
+
+
+def fast_overrides(teacher: Path, out: Path, steps: int = 2, method: str = "efficientdm") -> list[str]:
+    """Overrides that shrink any recipe of ``method`` to seconds on a CPU with the tiny teacher."""
+    return [*FAST_METHOD_OVERRIDES[method],
         f"teacher.path={teacher}", f"output_dir={out}", f"trainer.max_steps={steps}",
         "trainer.accelerator=cpu", "trainer.devices=1", "trainer.enable_progress_bar=false",
         "trainer.precision=32-true", "trainer.log_every_n_steps=1",
-        "trajectories.num_steps=4", "efficientdm.num_timesteps=4", "efficientdm.lora_rank=4",
+        "trajectories.num_steps=4",
         "trajectories.batch_size=2", "trajectories.num_trajectories=4", "trajectories.shard_size=2",
         "calibration.num_trajectories=2", "calibration.num_steps=4", "calibration.max_batches=4",
         "monitor.sample_every_n_steps=0", "monitor.sample_labels=[0,1]", "monitor.sample_steps=4",

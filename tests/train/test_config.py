@@ -18,7 +18,9 @@ from train.config import CONFIG_DIR, ConfigError, load_config, to_yaml
 def test_every_recipe_validates(recipe: str) -> None:
     # Recipes for user-supplied weights leave teacher.path unset on purpose.
     cfg = load_config([f"config={recipe}", "teacher.path=/some/local/model"])
-    assert cfg.efficientdm.num_timesteps == cfg.trajectories.num_steps
+    assert recipe.startswith(f"{cfg.method}_")  # recipes are named <method>_<setting>.yaml
+    if cfg.method == "efficientdm":
+        assert cfg.efficientdm.num_timesteps == cfg.trajectories.num_steps
 
 
 def test_recipes_exist() -> None:
@@ -89,7 +91,7 @@ def test_override_reaches_trainer_section() -> None:
         (["efficientdm.weight_bits=1"], r"efficientdm\.weight_bits: must be in \[2, 8\], got 1"),
         (["trajectories.eta=1.5"], r"trajectories\.eta: 1.5 is outside \[0, 1\]"),
         (["trajectories.batch_size=0"], r"trajectories\.batch_size: must be >= 1"),
-        (["method=qvgen"], r"method: 'qvgen' is not allowed; choose one of \['efficientdm'\]"),
+        (["method=qvgen"], r"method: 'qvgen' is not allowed; choose one of \['binarydm', 'efficientdm'\]"),
         (["efficientdm.num_timesteps=50"],
          r"efficientdm\.num_timesteps: 50 must equal trajectories\.num_steps \(20\)"),
         (["teacher.conditioning=prompt_embeds"], r"teacher\.prompt_embeds_path: required"),
@@ -152,7 +154,8 @@ def test_every_problem_of_one_config_is_reported_at_once() -> None:
         r"efficientdm\.weight_bits: must be in \[2, 8\], got 1",
         r"trajectories\.guidance_scale: classifier-free guidance needs conditioning",
         r"performance\.compile_blocks: .*needs performance\.compile=true",
-        r"losses\.nope: unknown loss \(from command line\); registered losses: \['feature_mse', 'output_mse'\]",
+        r"losses\.nope: unknown loss \(from command line\); registered losses: \['basis_l1', 'feature_mse', 'lrm', "
+        r"'output_mse'\]",
         r"losses\.output_mse\.target: must be one of \['cfg', 'branches'\], got 'x'",
     ]
     errors = info.value.errors
@@ -206,7 +209,7 @@ def test_old_keys_in_a_recipe_file_move_too(tmp_path: Path) -> None:
 _TOP_LEVEL = r"allowed keys here: \[.*'efficientdm'.*'trajectories'\]"
 
 
-@pytest.mark.parametrize("section", ["qvgen", "binarydm"])
+@pytest.mark.parametrize("section", ["qvgen", "bidm"])
 def test_section_of_an_unknown_method_is_refused(section: str) -> None:
     with pytest.raises(ConfigError, match=rf"^{section}: unknown key \(from command line\); {_TOP_LEVEL}"):
         load_config(["config=efficientdm_digits.yaml", f"{section}.weight_bits=2"])
@@ -269,4 +272,4 @@ def test_saved_config_reloads(recipe: str, tmp_path: Path) -> None:
     saved.write_text(to_yaml(cfg))
     again = load_config([f"config={saved}"])
     assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
-    assert type(again).__name__ == type(cfg).__name__ == "RunConfig_efficientdm"
+    assert type(again).__name__ == type(cfg).__name__ == f"RunConfig_{cfg.method}"

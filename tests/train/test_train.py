@@ -38,12 +38,15 @@ def class_unet_recipes() -> list[str]:
 
 @pytest.mark.parametrize("recipe", class_unet_recipes())
 def test_two_step_smoke_run_of_each_recipe(recipe: str, tiny_teacher: Path, tmp_path: Path) -> None:
-    run = main([f"config={recipe}", *fast_overrides(tiny_teacher, tmp_path / "run"), "eval.enabled=true"])
+    method = recipe.split("_")[0]
+    run = main([f"config={recipe}", *fast_overrides(tiny_teacher, tmp_path / "run", method=method),
+                "eval.enabled=true"])
     assert (run / "config.yaml").is_file()
     assert load_config([f"config={run / 'config.yaml'}"]).trainer.max_steps == 2  # the saved config reloads
     assert (run / "checkpoints" / "last.ckpt").is_file()
     state = load_file(str(run / "student" / "student.safetensors"))
-    assert any("lora_B" in k for k in state) and any("act_quantizer.step" in k for k in state)
+    own = {"efficientdm": "lora_B", "binarydm": "weight_quantizer.active_bases"}[method]  # the method's own state
+    assert any(own in k for k in state) and any("act_quantizer.step" in k for k in state)
     report = json.loads((run / "report.json").read_text())
     assert set(report["variants"]) == {"fp", "ptq", "qat"}
     for name in ("ptq", "qat"):
@@ -57,7 +60,8 @@ def test_two_step_smoke_run_of_each_recipe(recipe: str, tiny_teacher: Path, tmp_
     tags = acc.Tags()
     assert "train/loss" in tags["scalars"] and "train/grad_norm" in tags["scalars"]
     assert any(t.startswith("train_loss_by_t/") for t in tags["scalars"])
-    assert "lr/lora_mean" in tags["scalars"] and "quant/act_clipped_fraction" in tags["scalars"]
+    lr_tag = {"efficientdm": "lr/lora_mean", "binarydm": "lr/weights"}[method]
+    assert lr_tag in tags["scalars"] and "quant/act_clipped_fraction" in tags["scalars"]
     assert "samples/teacher_top_student_bottom" in tags["images"]
 
 
