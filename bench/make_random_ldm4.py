@@ -11,8 +11,8 @@ recipe without the real weights; the numbers it produces say nothing about quali
 
 ``--layout lsun_bedrooms-ldm-vq-4`` writes the unconditional LSUN-Bedrooms LDM-4 instead, as the CompVis converter
 builds it (:mod:`train.tools.convert_compvis`: a ``UNet2DModel`` with legacy attention blocks, 224 base channels,
-multipliers (1, 2, 3, 4), 32-channel heads at the three lower resolutions, 274.1M parameters) and its scheduler;
-train it with ``teacher.conditioning=none``.
+multipliers (1, 2, 3, 4), 32-channel heads at the three lower resolutions, 274.1M parameters), its scheduler and
+its VQ-f4 first stage (``vqvae/``, random), so that ``configs/binarydm_ldm4_bedrooms.yaml`` runs on it unchanged.
 """
 
 from __future__ import annotations
@@ -42,14 +42,17 @@ def ldm4_unet() -> UNet2DConditionModel:
 
 
 def write_converter_layout(layout: str, out: Path) -> None:
-    """``unet/`` and ``scheduler/`` of a CompVis layout (:data:`train.tools.convert_compvis.LAYOUTS`), random
-    weights."""
+    """``unet/``, ``scheduler/`` and the first stage (``vqvae/`` or ``vae/``, where the layout has one) of a CompVis
+    layout (:data:`train.tools.convert_compvis.LAYOUTS`), random weights: the directory the converter writes."""
     from train.tools.convert_compvis import LAYOUTS, teacher_spec
     from train.tools.convert_compvis_unet import build_unet
+    from train.tools.convert_compvis_vae import build_vae
 
     spec = teacher_spec(LAYOUTS[layout])
     build_unet(spec.unet_config).save_pretrained(str(out / "unet"))
     DDPMScheduler(**spec.scheduler_config).save_pretrained(str(out / "scheduler"))
+    if spec.vae_config is not None:
+        build_vae(dict(spec.vae_config)).save_pretrained(str(out / spec.vae_subfolder))
 
 
 def main() -> None:
