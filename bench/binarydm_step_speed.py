@@ -66,23 +66,69 @@ def build_teacher(device: torch.device, tiny: bool) -> torch.nn.Module:
     return teacher.requires_grad_(False).eval()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def step_parser(doc: str, rows: str, rows_help: str) -> argparse.ArgumentParser:
+    """The options every step comparison takes (batch, steps, warm-up, tiny, device, rows, profile)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--rows", default="fp,binary", help="comma-separated: fp, binary, binary_no_lrm")
-    parser.add_argument("--mode", default="eager", choices=["eager", "blocks"])
-    parser.add_argument("--compile-mode", default="default", help="torch.compile mode with --mode blocks")
+    parser.add_argument("--rows", default=rows, help=rows_help)
     parser.add_argument("--profile", action="store_true", help="torch.profiler over two steps of each row")
-    args = parser.parse_args()
+    return parser
+
+
+def setup(args: argparse.Namespace) -> tuple[torch.device, bool, torch.nn.Module]:
+    """``(device, is CUDA, frozen teacher)``, with TF32 matmuls on a GPU."""
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    teacher = build_teacher(device, args.tiny)
+    return device, cuda, build_teacher(device, args.tiny)
+
+
+def time_rows(rows: dict[str, tuple[str, Callable[[], Callable[[], None]]]], keys: list[str],
+              args: argparse.Namespace, device: torch.device, teacher: torch.nn.Module,
+              mode: str) -> dict[str, tuple[float, float]]:
+    """Prints the header and one table row per key of ``rows`` (label, step builder); returns key -> (median ms,
+    peak GiB). Each row's step is built after the previous row's was freed, so peaks do not add up."""
+    cuda = device.type == "cuda"
+    b, size = args.batch, teacher.config.sample_size
+    timer = Timer(device)
+    name = torch.cuda.get_device_name(device) if cuda else "CPU"
+    print(f"# {name}, torch {torch.__version__}, {datetime.date.today()}, UNet "
+          f"{sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M parameters, batch {b} of 3x{size}x{size}, "
+          f"bf16 autocast, {mode}\n# {' '.join(sys.argv)}")
+    print("| row | ms / step | samples/s | peak GiB | peak reserved GiB |\n|---|---|---|---|---|", flush=True)
+    results = {}
+    for key in keys:
+        label, make = rows[key]
+        torch._dynamo.reset()
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        fn = make()
+        for _ in range(args.warmup):
+            fn()
+        ms = statistics.median(timer.run(fn, args.steps)) * 1e3
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
+        reserved = torch.cuda.max_memory_reserved(device) / 2**30 if cuda else float("nan")
+        results[key] = (ms, peak)
+        print(f"| {label} | {ms:.1f} | {b / ms * 1e3:.1f} | {peak:.2f} | {reserved:.2f} |", flush=True)
+        if getattr(args, "profile", False):
+            print_profile(fn, label, cuda)
+        del fn
+    return results
+
+
+def main() -> None:
+    parser = step_parser(__doc__, "fp,binary", "comma-separated: fp, binary, binary_no_lrm")
+    parser.add_argument("--mode", default="eager", choices=["eager", "blocks"])
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode with --mode blocks")
+    args = parser.parse_args()
+    device, cuda, teacher = setup(args)
     b, size = args.batch, teacher.config.sample_size
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(b, 3, size, size, generator=gen).to(device)
@@ -142,34 +188,11 @@ def main() -> None:
             opt.zero_grad(set_to_none=True)
         return fn
 
-    rows = {"fp": ("FP LoRA step", lora_step, False), "binary": ("BinaryDM W1A4 step", binary_step, True),
-            "binary_no_lrm": ("BinaryDM W1A4 step, no LRM", binary_step, False)}
-    timer = Timer(device)
-    name = torch.cuda.get_device_name(device) if cuda else "CPU"
+    rows = {"fp": ("FP LoRA step", lambda: lora_step(False)),
+            "binary": ("BinaryDM W1A4 step", lambda: binary_step(True)),
+            "binary_no_lrm": ("BinaryDM W1A4 step, no LRM", lambda: binary_step(False))}
     mode = args.mode + (f", {args.compile_mode}" if args.mode == "blocks" else "")
-    print(f"# {name}, torch {torch.__version__}, {datetime.date.today()}, UNet "
-          f"{sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M parameters, batch {b} of 3x{size}x{size}, "
-          f"bf16 autocast, {mode}\n# {' '.join(sys.argv)}")
-    print("| row | ms / step | samples/s | peak GiB | peak reserved GiB |\n|---|---|---|---|---|", flush=True)
-    results = {}
-    for key in args.rows.split(","):
-        label, make, lrm = rows[key]
-        torch._dynamo.reset()
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        fn = make(lrm)
-        for _ in range(args.warmup):
-            fn()
-        ms = statistics.median(timer.run(fn, args.steps)) * 1e3
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
-        reserved = torch.cuda.max_memory_reserved(device) / 2**30 if cuda else float("nan")
-        results[key] = (ms, peak)
-        print(f"| {label} | {ms:.1f} | {b / ms * 1e3:.1f} | {peak:.2f} | {reserved:.2f} |", flush=True)
-        if args.profile:
-            print_profile(fn, label, cuda)
-        del fn
+    results = time_rows(rows, args.rows.split(","), args, device, teacher, mode)
     if "fp" in results and "binary" in results:
         (fp_ms, fp_peak), (bin_ms, bin_peak) = results["fp"], results["binary"]
         print(f"\nBinaryDM / FP LoRA: throughput {fp_ms / bin_ms:.3f} (target >= 0.9), peak memory "

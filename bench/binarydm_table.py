@@ -21,6 +21,7 @@ import multiprocessing
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +39,22 @@ VARIANTS = {
 LABELS = {"baseline": "baseline s sign(W)", "binarydm_no_lrm": "BinaryDM w/o LRM", "binarydm": "BinaryDM"}
 
 
+@dataclass(frozen=True)
+class Ablation:
+    """One method's table: its digits recipe, the bit-width shown, the variants (name -> overrides) and labels."""
+
+    recipe: str
+    bits: str
+    variants: dict[str, list[str]]
+    labels: dict[str, str]
+    script: str
+    default_out: str
+
+
+BINARYDM = Ablation("binarydm_digits.yaml", "W1A4", VARIANTS, LABELS, "bench/binarydm_table.py",
+                    "runs/binarydm_table")
+
+
 def _cell(values: list[float], spec: str) -> str:
     if not values:
         return "-"
@@ -52,31 +69,33 @@ def _row(label: str, reports: list[dict], variant: str) -> str:
     return f"| {label} | " + " | ".join(cells) + " |"
 
 
-def table(results: dict[str, list[dict]]) -> str:
+def table(results: dict[str, list[dict]], ablation: Ablation = BINARYDM) -> str:
     """Markdown table: FP, then each variant's PTQ start and trained student (mean ± std over seeds)."""
-    lines = ["| W1A4 variant | " + " | ".join(c[1] for c in COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
+    lines = [f"| {ablation.bits} variant | " + " | ".join(c[1] for c in COLUMNS) + " |",
+             "|---|" + "---|" * len(COLUMNS)]
     first = next(iter(results.values()))
     lines.append(_row("FP teacher (W32A32)", first, "fp"))
     for name, reports in results.items():
-        lines.append(_row(f"{LABELS[name]}, PTQ start", reports, "ptq"))
-        lines.append(_row(f"{LABELS[name]}, trained", reports, "qat"))
+        lines.append(_row(f"{ablation.labels[name]}, PTQ start", reports, "ptq"))
+        lines.append(_row(f"{ablation.labels[name]}, trained", reports, "qat"))
     return "\n".join(lines)
 
 
-def run_cell(out: Path, name: str, seed: int, overrides: list[str]) -> tuple[dict, float]:
+def run_cell(ablation: Ablation, out: Path, name: str, seed: int, overrides: list[str]) -> tuple[dict, float]:
     """One ordinary training run of the digits recipe for a variant and seed; returns its report and wall time."""
     from train.cli import main as train_main
 
     start = time.time()
-    run = train_main(["config=binarydm_digits.yaml", f"output_dir={out / name / f'seed{seed}'}", f"seed={seed}",
-                      f"trajectories.seed={3407 + 10000 * seed}", "export=false", *VARIANTS[name], *overrides])
+    run = train_main([f"config={ablation.recipe}", f"output_dir={out / name / f'seed{seed}'}", f"seed={seed}",
+                      f"trajectories.seed={3407 + 10000 * seed}", "export=false", *ablation.variants[name],
+                      *overrides])
     return json.loads((run / "report.json").read_text()), round(time.time() - start, 1)
 
 
-def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/binarydm_table", help="parent directory of the runs")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+def main(argv: list[str] | None = None, ablation: Ablation = BINARYDM, doc: str = __doc__) -> dict[str, list[dict]]:
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", default=ablation.default_out, help="parent directory of the runs")
+    parser.add_argument("--variants", nargs="+", default=list(ablation.variants), choices=list(ablation.variants))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=1,
                         help="cells run at once, each in its own process (set OMP_NUM_THREADS = cores / jobs)")
@@ -86,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     from train.tools.digits_teacher import machine_description
 
     out = Path(args.out)
-    cells = [(out, name, seed, args.overrides) for name in args.variants for seed in args.seeds]
+    cells = [(ablation, out, name, seed, args.overrides) for name in args.variants for seed in args.seeds]
     if args.jobs > 1:  # spawned, not forked: a CUDA context does not survive a fork
         with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
             done = pool.starmap(run_cell, cells)
@@ -94,12 +113,12 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
         done = [run_cell(*cell) for cell in cells]
     results: dict[str, list[dict]] = {}
     seconds: dict[str, list[float]] = {}
-    for (_, name, _, _), (report, wall) in zip(cells, done, strict=True):
+    for (_, _, name, _, _), (report, wall) in zip(cells, done, strict=True):
         results.setdefault(name, []).append(report)
         seconds.setdefault(name, []).append(wall)
-    text = table(results)
+    text = table(results, ablation)
     sampler = next(iter(results.values()))[0]["sampler"]
-    command = "python bench/binarydm_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = f"python {ablation.script} " + " ".join(argv if argv is not None else sys.argv[1:])
     note = (f"\n\nCommand: `{command.strip()}` on {machine_description()}, {args.jobs} cell(s) at a time; "
             f"seeds {args.seeds} (mean ± standard deviation); {sampler['num_samples']} class-balanced samples per "
             f"row ({sampler['scheduler']} {sampler['steps']} steps, CFG {sampler['guidance_scale']}, eta "

@@ -13,6 +13,8 @@ recipe without the real weights; the numbers it produces say nothing about quali
 builds it (:mod:`train.tools.convert_compvis`: a ``UNet2DModel`` with legacy attention blocks, 224 base channels,
 multipliers (1, 2, 3, 4), 32-channel heads at the three lower resolutions, 274.1M parameters), its scheduler and
 its VQ-f4 first stage (``vqvae/``, random), so that ``configs/binarydm_ldm4_bedrooms.yaml`` runs on it unchanged.
+``--base-channels C`` narrows a converter layout's UNet to ``C`` base channels (the same blocks, attention and
+multipliers; e.g. 32 instead of 224 gives 5.7M parameters), for CPU checks of the real-size recipes' structure.
 """
 
 from __future__ import annotations
@@ -41,15 +43,20 @@ def ldm4_unet() -> UNet2DConditionModel:
     )
 
 
-def write_converter_layout(layout: str, out: Path) -> None:
+def write_converter_layout(layout: str, out: Path, base_channels: int | None = None) -> None:
     """``unet/``, ``scheduler/`` and the first stage (``vqvae/`` or ``vae/``, where the layout has one) of a CompVis
-    layout (:data:`train.tools.convert_compvis.LAYOUTS`), random weights: the directory the converter writes."""
+    layout (:data:`train.tools.convert_compvis.LAYOUTS`), random weights: the directory the converter writes;
+    ``base_channels``: the UNet's first-level channels (the others keep their multipliers)."""
     from train.tools.convert_compvis import LAYOUTS, teacher_spec
     from train.tools.convert_compvis_unet import build_unet
     from train.tools.convert_compvis_vae import build_vae
 
     spec = teacher_spec(LAYOUTS[layout])
-    build_unet(spec.unet_config).save_pretrained(str(out / "unet"))
+    config = dict(spec.unet_config)
+    if base_channels is not None:
+        channels = config["block_out_channels"]
+        config["block_out_channels"] = tuple(base_channels * c // channels[0] for c in channels)
+    build_unet(config).save_pretrained(str(out / "unet"))
     DDPMScheduler(**spec.scheduler_config).save_pretrained(str(out / "scheduler"))
     if spec.vae_config is not None:
         build_vae(dict(spec.vae_config)).save_pretrained(str(out / spec.vae_subfolder))
@@ -60,11 +67,13 @@ def main() -> None:
     parser.add_argument("--output", required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layout", default="cin256-v2", choices=["cin256-v2", "lsun_bedrooms-ldm-vq-4"])
+    parser.add_argument("--base-channels", type=int, default=None,
+                        help="converter layouts: first-level UNet channels (a multiple of the attention head size)")
     args = parser.parse_args()
     out = Path(args.output)
     torch.manual_seed(args.seed)
     if args.layout != "cin256-v2":
-        write_converter_layout(args.layout, out)
+        write_converter_layout(args.layout, out, args.base_channels)
         print(f"wrote {out}")
         return
     ldm4_unet().save_pretrained(str(out / "unet"))

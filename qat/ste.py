@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["round_ste", "grad_scale", "sign_ste", "binarize_ste", "fake_quantize_ste", "fake_quantize_lowrank_ste",
-           "fake_quantize_forward", "fake_quantize_backward"]
+__all__ = ["round_ste", "grad_scale", "sign_ste", "approx_sign_ste", "binarize_ste", "fake_quantize_ste",
+           "fake_quantize_lowrank_ste", "fake_quantize_forward", "fake_quantize_backward"]
 
 
 def round_ste(x: Tensor) -> Tensor:
@@ -46,6 +46,31 @@ def sign_ste(x: Tensor) -> Tensor:
     forward = torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
     clipped = x.clamp(-1.0, 1.0)
     return clipped + (forward - clipped).detach()
+
+
+class _ApproxSignSTE(torch.autograd.Function):
+    """One autograd node for :func:`approx_sign_ste` (keeps ``x`` only)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return grad_out * (2.0 - 2.0 * x.abs()).clamp_min(0.0)
+
+
+def approx_sign_ste(x: Tensor) -> Tensor:
+    """``sign(x)`` mapped to {-1, +1} (0 goes to +1) forward; Bi-Real Net's ApproxSign gradient backward.
+
+    backward: ``d approx_sign_ste(x) / dx = 2 - 2 |x|`` for ``|x| < 1``, 0 otherwise: the derivative of the
+    piecewise quadratic ``2x + x^2`` (``-1 <= x < 0``), ``2x - x^2`` (``0 <= x < 1``), ``sign(x)`` elsewhere
+    (Liu et al., "Bi-Real Net", ECCV 2018, arXiv:1808.00278, Eq. 6). BiDM's activation binarizer uses it
+    (Zheng et al., NeurIPS 2024, dossier Sec. 2.2). Keeps only ``x`` for the backward.
+    """
+    return _ApproxSignSTE.apply(x)
 
 
 class _BinarizeSTE(torch.autograd.Function):

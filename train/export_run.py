@@ -63,7 +63,10 @@ def evaluation_summary(run_dir: Path) -> dict[str, dict[str, float]] | None:
 @torch.no_grad()
 def verify_export(student: torch.nn.Module, loaded: torch.nn.Module, teacher: Teacher, cfg: RunConfig,
                   device: torch.device) -> float:
-    """Max |student - loaded| of the noise prediction on random inputs at the first, middle and last grid timesteps."""
+    """Max |student - loaded| of the noise prediction on random inputs at the first, middle and last grid timesteps:
+    one call with the three rows, or, for a model with per-sampling-call state (a cross-timestep cache), three
+    consecutive calls of one sampling run (every row at the first, then the middle, then the last timestep), so that
+    the state is exercised too."""
     import qat
     from train.models.families import denoise, model_dtype
 
@@ -75,11 +78,16 @@ def verify_export(student: torch.nn.Module, loaded: torch.nn.Module, teacher: Te
     context = teacher.contexts(labels)[0]
     if context is not None:  # a bf16 teacher's contexts, for an fp32 student
         context = context.to(model_dtype(student))
-    diffs = []
+    calls = [t] if not qat.sampling.sampling_state_modules(student) else [v.repeat(len(t)) for v in t]
+    outs = []
     for model in (student, loaded):
-        with qat.timestep(model, t):
-            diffs.append(denoise(model, x, t, context, teacher.family).float())
-    return float((diffs[0] - diffs[1]).abs().max())
+        qat.reset_sampling_state(model)  # a new run: no state kept from training or an earlier call
+        for ts in calls:
+            with qat.timestep(model, ts):
+                outs.append(denoise(model, x, ts, context, teacher.family).float())
+        qat.reset_sampling_state(model)
+    half = len(outs) // 2
+    return max(float((a - b).abs().max()) for a, b in zip(outs[:half], outs[half:], strict=True))
 
 
 def export_run(student: torch.nn.Module, teacher: Teacher, cfg: RunConfig, out: Path, run_dir: Path | None = None,

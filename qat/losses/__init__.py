@@ -9,6 +9,9 @@ lrm           LowRankMimicking-  tapped features in the teacher's low-rank princ
               Config             (BinaryDM's low-rank representation mimicking)
 basis_l1      BasisL1Config      L1 of the binary quantizers' scales beyond the first basis
                                  (BinaryDM's evolvable-basis penalty)
+spd           SpacePatched-      per-patch normalised spatial relation maps of tapped
+              Distillation-      features (BiDM's space patched distillation)
+              Config
 ============  =================  ==========================================================
 """
 
@@ -18,8 +21,9 @@ from qat.losses.base import LOSSES, LossConfig, LossInputs, LossTerm, build_loss
 from qat.losses.feature import FeatureMSE, FeatureMSEConfig
 from qat.losses.lowrank import LowRankMimicking, LowRankMimickingConfig
 from qat.losses.output import OutputMSE, OutputMSEConfig
+from qat.losses.patch import SpacePatchedDistillation, SpacePatchedDistillationConfig
 from qat.losses.regularizers import BasisL1, BasisL1Config
 
 __all__ = ["LOSSES", "LossConfig", "LossInputs", "LossTerm", "build_loss", "register_loss", "OutputMSE",
            "OutputMSEConfig", "FeatureMSE", "FeatureMSEConfig", "LowRankMimicking", "LowRankMimickingConfig",
-           "BasisL1", "BasisL1Config"]
+           "BasisL1", "BasisL1Config", "SpacePatchedDistillation", "SpacePatchedDistillationConfig"]

@@ -30,9 +30,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from qat.checks import ConfigProblems, at_least
-from qat.losses.base import LossConfig, LossInputs, LossTerm, register_loss
-from qat.prepare import match
+from qat.checks import at_least
+from qat.losses.base import LossConfig, LossInputs, register_loss
+from qat.losses.feature import FeatureTerm
 
 __all__ = ["LowRankMimickingConfig", "LowRankMimicking", "channel_rows", "principal_directions", "project"]
 
@@ -89,16 +89,13 @@ def _key(name: str) -> str:
 
 
 @register_loss(LowRankMimickingConfig)
-class LowRankMimicking(LossTerm):
+class LowRankMimicking(FeatureTerm):
     """LRM (see the module docstring): a scalar, the mean over tapped blocks of the projected features' MSE."""
 
     config: LowRankMimickingConfig
 
     def __init__(self, config: LowRankMimickingConfig) -> None:
         super().__init__(config)
-        if config.weight > 0 and not config.taps:
-            raise ConfigProblems([("taps", "needs at least one module-name pattern (e.g. ['mid_block']) when "
-                                           "weight > 0")])
         # one (C, k) buffer per tapped module ("." in module names stored as "-")
         self.bases = nn.Module()
         self.register_buffer("fitted", torch.tensor(False))
@@ -117,18 +114,12 @@ class LowRankMimicking(LossTerm):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._is_fitted = None
 
-    def taps(self) -> list[str]:
-        return list(self.config.taps)
-
     @property
     def is_fitted(self) -> bool:
         """Whether the bases exist (computed, or loaded from a checkpoint)."""
         if self._is_fitted is None:
             self._is_fitted = bool(self.fitted)
         return self._is_fitted
-
-    def _names(self, features: dict[str, Tensor]) -> list[str]:
-        return sorted(n for n in features if any(match(n, p) for p in self.config.taps))
 
     def basis(self, name: str) -> Tensor:
         """``E (C, k)`` of the tapped module ``name``."""
@@ -137,7 +128,7 @@ class LowRankMimicking(LossTerm):
     @torch.no_grad()
     def observe(self, features: dict[str, Tensor]) -> None:
         """Adds teacher features (tapped module name -> tensor) matching the taps to the channel statistics."""
-        for name in self._names(features):
+        for name in self.matching(features):
             x = channel_rows(features[name].detach()).double()
             stats = self._stats.setdefault(name, [0.0, 0.0, 0])
             stats[0] = stats[0] + x.t() @ x
@@ -175,11 +166,7 @@ class LowRankMimicking(LossTerm):
             self.fit_()
         if not self._synced:
             self._sync()
-        names = self._names(inputs.teacher_features)
-        missing = [n for n in names if n not in inputs.student_features or not hasattr(self.bases, _key(n))]
-        if not names or missing:
-            raise ValueError(f"lrm: taps {self.config.taps} gave no teacher feature, or features the student or the "
-                             f"fitted bases lack ({missing[:3]}); are the taps attached to both models?")
+        names = self.tapped_names(inputs, also=lambda name: hasattr(self.bases, _key(name)))
         terms = []
         for n in names:
             diff = inputs.student_features[n].float() - inputs.teacher_features[n].float()

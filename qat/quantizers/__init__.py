@@ -7,6 +7,7 @@ uniform        UniformConfig          UniformQuantizer (static affine step / zer
 lsq            LSQConfig              LSQQuantizer (learned step; LSQ+ learned offset)
 temporal_lsq   TemporalLSQConfig      TemporalLSQQuantizer (per-timestep table, EfficientDM)
 binary         BinaryConfig           BinaryQuantizer (1 bit, per-channel scales, K bases)
+sign_act       SignActConfig          SignActQuantizer (1-bit activations, learnable threshold)
 =============  =====================  =======================================================
 
 All derive from :class:`Quantizer`; the affine ones from :class:`AffineQuantizer`. A quantizer defined elsewhere
@@ -27,6 +28,7 @@ from qat.quantizers.base import (
 )
 from qat.quantizers.binary import BinaryConfig, BinaryQuantizer
 from qat.quantizers.lsq import LSQConfig, LSQQuantizer
+from qat.quantizers.sign import SignActConfig, SignActQuantizer
 from qat.quantizers.temporal_lsq import (
     TemporalLSQConfig,
     TemporalLSQQuantizer,
@@ -49,6 +51,8 @@ __all__ = [
     "TemporalLSQQuantizer",
     "BinaryConfig",
     "BinaryQuantizer",
+    "SignActConfig",
+    "SignActQuantizer",
     "build_quantizer",
     "config_class",
     "register_quantizer",

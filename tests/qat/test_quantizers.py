@@ -31,6 +31,7 @@ from qat.quantizers import (
     BinaryConfig,
     BinaryQuantizer,
     LSQConfig,
+    SignActConfig,
     TemporalLSQConfig,
     UniformConfig,
     build_quantizer,
@@ -373,10 +374,11 @@ def test_registry_lookup() -> None:
     assert config_class("lsq") is LSQConfig
     assert config_class("temporal_lsq") is TemporalLSQConfig
     assert config_class("binary") is BinaryConfig
-    assert QUANTIZERS.names() == ["binary", "lsq", "temporal_lsq", "uniform"]
+    assert config_class("sign_act") is SignActConfig
+    assert QUANTIZERS.names() == ["binary", "lsq", "sign_act", "temporal_lsq", "uniform"]
     assert type(build_quantizer(BinaryConfig(), num_channels=3)) is BinaryQuantizer
-    with pytest.raises(KeyError, match=r"unknown quantizer 'adaround'; known: \['binary', 'lsq', 'temporal_lsq', "
-                                       r"'uniform'\]"):
+    with pytest.raises(KeyError, match=r"unknown quantizer 'adaround'; known: \['binary', 'lsq', 'sign_act', "
+                                       r"'temporal_lsq', 'uniform'\]"):
         config_class("adaround")
     with pytest.raises(KeyError, match="known: "):
         QUANTIZERS.get("nope")

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qat.ste import binarize_ste, fake_quantize_lowrank_ste, fake_quantize_ste, grad_scale, round_ste, sign_ste
+from qat.ste import (
+    approx_sign_ste,
+    binarize_ste,
+    fake_quantize_lowrank_ste,
+    fake_quantize_ste,
+    grad_scale,
+    round_ste,
+    sign_ste,
+)
 
 
 def _wide_values(n: int = 20000) -> torch.Tensor:
@@ -311,3 +319,30 @@ def test_fake_quantize_lowrank_ste_saves_a_small_integer_per_element_and_rejects
     assert sorted(weight_sized, key=str) == sorted([torch.float32, torch.int8], key=str)  # w itself and the codes
     with pytest.raises(ValueError, match="per output channel"):
         fake_quantize_lowrank_ste(w, delta, b, a, torch.ones(c, 2), torch.zeros(c, 2), 1.0, 0, 15)
+
+
+# -- approx_sign_ste: sign forward, Bi-Real's ApproxSign backward -----------------------------------------------------
+
+
+def test_approx_sign_ste_forward_is_sign_with_zero_to_plus_one() -> None:
+    x = _wide_values()
+    expected = torch.tensor([1.0 if v >= 0 else -1.0 for v in x.tolist()])
+    assert torch.equal(approx_sign_ste(x), expected)
+    assert approx_sign_ste(torch.tensor([0.0, -0.0])).tolist() == [1.0, 1.0]
+    assert approx_sign_ste(torch.tensor([0.5], dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_approx_sign_ste_gradient_is_the_piecewise_quadratics_derivative() -> None:
+    # Bi-Real Net Eq. 6: d/dx (2x + x^2) = 2 + 2x on [-1, 0), d/dx (2x - x^2) = 2 - 2x on [0, 1), 0 elsewhere.
+    x = torch.tensor([-3.0, -1.0, -0.75, -0.25, 0.0, 0.25, 0.5, 0.999, 1.0, 2.0], requires_grad=True)
+    upstream = torch.arange(1.0, 11.0)
+    (approx_sign_ste(x) * upstream).sum().backward()
+    by_hand = []
+    for v in x.detach().tolist():
+        by_hand.append(2 + 2 * v if -1 <= v < 0 else 2 - 2 * v if 0 <= v < 1 else 0.0)
+    torch.testing.assert_close(x.grad, upstream * torch.tensor(by_hand))
+    # the same as differentiating the quadratic surrogate with autograd
+    z = x.detach().clone().requires_grad_(True)
+    surrogate = torch.where(z < -1, -1.0, torch.where(z < 0, 2 * z + z * z, torch.where(z < 1, 2 * z - z * z, 1.0)))
+    (surrogate * upstream).sum().backward()
+    torch.testing.assert_close(x.grad, z.grad)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
 from train.models.class_embedder import ClassEmbedder
 
@@ -25,6 +25,18 @@ def make_tiny_teacher(root: Path, seed: int = 0) -> Path:
     return root
 
 
+def make_tiny_unconditional_teacher(root: Path, seed: int = 0) -> Path:
+    """``unet/`` and ``scheduler/`` of a tiny unconditional ``UNet2DModel`` with the LDM-4 bedrooms recipe's features
+    (legacy attention at the lower level, LDM's "linear" betas), 3x8x8 samples, no first stage."""
+    torch.manual_seed(seed)
+    UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                attention_head_dim=4, norm_num_groups=4).save_pretrained(str(root / "unet"))
+    DDPMScheduler(beta_start=0.0015, beta_end=0.0195, beta_schedule="scaled_linear", steps_offset=1,
+                  clip_sample=False).save_pretrained(str(root / "scheduler"))
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_teacher(tmp_path_factory.mktemp("tiny_teacher"))
@@ -34,6 +46,7 @@ def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
 FAST_METHOD_OVERRIDES = {
     "efficientdm": ["efficientdm.num_timesteps=4", "efficientdm.lora_rank=4"],
     "binarydm": ["binarydm.warmup_groups=0"],
+    "bidm": [],
 }
 
 

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import qat
-from tests.train.conftest import fast_overrides
+from tests.train.conftest import fast_overrides, make_tiny_unconditional_teacher
 from tests.train.test_launchers import _bin, _run
 from train.cli import build_student, main
 from train.config import ConfigError, load_config
@@ -125,13 +124,7 @@ def test_two_processes_match_one_process_through_warmup_and_collapse(tiny_teache
 def test_bedrooms_recipe_runs_on_a_tiny_unconditional_unet(tmp_path: Path) -> None:
     """The LDM-4 recipe's settings (unconditional UNet2DModel with legacy attention, no guidance, DDIM 100 samples)
     on a tiny teacher of the converter's layout family: trains, evaluates, exports and reloads exactly."""
-    torch.manual_seed(0)
-    root = tmp_path / "teacher"
-    UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-                down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                attention_head_dim=4, norm_num_groups=4).save_pretrained(str(root / "unet"))
-    DDPMScheduler(beta_start=0.0015, beta_end=0.0195, beta_schedule="scaled_linear", steps_offset=1,
-                  clip_sample=False).save_pretrained(str(root / "scheduler"))
+    root = make_tiny_unconditional_teacher(tmp_path / "teacher")
     run = main(["config=binarydm_ldm4_bedrooms.yaml", *fast_overrides(root, tmp_path / "run", 2, "binarydm"),
                 "teacher.vae_subfolder=null", "eval.enabled=true"])
     report = (run / "report.md").read_text()

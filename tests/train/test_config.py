@@ -91,7 +91,7 @@ def test_override_reaches_trainer_section() -> None:
         (["efficientdm.weight_bits=1"], r"efficientdm\.weight_bits: must be in \[2, 8\], got 1"),
         (["trajectories.eta=1.5"], r"trajectories\.eta: 1.5 is outside \[0, 1\]"),
         (["trajectories.batch_size=0"], r"trajectories\.batch_size: must be >= 1"),
-        (["method=qvgen"], r"method: 'qvgen' is not allowed; choose one of \['binarydm', 'efficientdm'\]"),
+        (["method=qvgen"], r"method: 'qvgen' is not allowed; choose one of \['bidm', 'binarydm', 'efficientdm'\]"),
         (["efficientdm.num_timesteps=50"],
          r"efficientdm\.num_timesteps: 50 must equal trajectories\.num_steps \(20\)"),
         (["teacher.conditioning=prompt_embeds"], r"teacher\.prompt_embeds_path: required"),
@@ -155,7 +155,7 @@ def test_every_problem_of_one_config_is_reported_at_once() -> None:
         r"trajectories\.guidance_scale: classifier-free guidance needs conditioning",
         r"performance\.compile_blocks: .*needs performance\.compile=true",
         r"losses\.nope: unknown loss \(from command line\); registered losses: \['basis_l1', 'feature_mse', 'lrm', "
-        r"'output_mse'\]",
+        r"'output_mse', 'spd'\]",
         r"losses\.output_mse\.target: must be one of \['cfg', 'branches'\], got 'x'",
     ]
     errors = info.value.errors

@@ -45,8 +45,10 @@ def test_two_step_smoke_run_of_each_recipe(recipe: str, tiny_teacher: Path, tmp_
     assert load_config([f"config={run / 'config.yaml'}"]).trainer.max_steps == 2  # the saved config reloads
     assert (run / "checkpoints" / "last.ckpt").is_file()
     state = load_file(str(run / "student" / "student.safetensors"))
-    own = {"efficientdm": "lora_B", "binarydm": "weight_quantizer.active_bases"}[method]  # the method's own state
-    assert any(own in k for k in state) and any("act_quantizer.step" in k for k in state)
+    own, act = {"efficientdm": ("lora_B", "act_quantizer.step"),  # the method's own state, its activation state
+                "binarydm": ("weight_quantizer.active_bases", "act_quantizer.step"),
+                "bidm": ("cross_timestep.alpha", "act_quantizer.threshold")}[method]
+    assert any(own in k for k in state) and any(act in k for k in state)
     report = json.loads((run / "report.json").read_text())
     assert set(report["variants"]) == {"fp", "ptq", "qat"}
     for name in ("ptq", "qat"):
@@ -60,8 +62,10 @@ def test_two_step_smoke_run_of_each_recipe(recipe: str, tiny_teacher: Path, tmp_
     tags = acc.Tags()
     assert "train/loss" in tags["scalars"] and "train/grad_norm" in tags["scalars"]
     assert any(t.startswith("train_loss_by_t/") for t in tags["scalars"])
-    lr_tag = {"efficientdm": "lr/lora_mean", "binarydm": "lr/weights"}[method]
-    assert lr_tag in tags["scalars"] and "quant/act_clipped_fraction" in tags["scalars"]
+    lr_tag = {"efficientdm": "lr/lora_mean", "binarydm": "lr/weights", "bidm": "lr/weights"}[method]
+    assert lr_tag in tags["scalars"]
+    if method != "bidm":  # BiDM's digits student has no affine quantizer (W1A1, full-precision edges)
+        assert "quant/act_clipped_fraction" in tags["scalars"]
     assert "samples/teacher_top_student_bottom" in tags["images"]
 
 

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 import qat
+from qat.sampling import sampling_state_modules
 from train.data.trajectories import trajectory_steps
 from train.eval.metrics import digits_fd_and_accuracy, extract_features, psnr, ssim
 from train.models.pipeline import QATDiffusionPipeline, guided_eps, sample_seeds
@@ -57,6 +58,11 @@ def heldout_eps_mse(model: nn.Module, held: HeldOut, batch_size: int = 256) -> d
     ``x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)`` (for other model outputs see :func:`x0_error_weight`;
     "eps" then stands for whatever the model predicts, ``v`` or a flow velocity).
 
+    A model with per-sampling-call state (:class:`qat.sampling.SamplingStateful`, e.g. a cross-timestep feature
+    cache) is called once per trajectory step with all trajectories, in sampler order after one reset, so that each
+    call sees the previous step of the same trajectories (teacher-forced, as in training); any other model in
+    batches of ``batch_size`` independent samples.
+
     Returns:
         ``eps_mse``, ``x0_mse`` and their per-step means ``eps_mse_by_step`` / ``x0_mse_by_step`` (high noise
         first, in sampler order; the timesteps are ``held.timesteps``).
@@ -66,11 +72,16 @@ def heldout_eps_mse(model: nn.Module, held: HeldOut, batch_size: int = 256) -> d
     n = d["x"].shape[0]
     per_sample = torch.empty(n)
     modules = qat.timestep_modules(model)
-    for start in range(0, n, batch_size):
-        sl = slice(start, min(start + batch_size, n))
+    stateful = bool(sampling_state_modules(model))
+    # trajectory_steps lays samples out step-major: (step, trajectory)
+    size = held.num_trajectories if stateful else batch_size
+    qat.reset_sampling_state(model)
+    for start in range(0, n, size):
+        sl = slice(start, min(start + size, n))
         x, t = d["x"][sl].to(device), d["t"][sl].to(device)
         cond, uncond = held.teacher.contexts(d["labels"][sl].to(device))
-        qat.reset_sampling_state(model)  # every batch is a set of independent samples
+        if not stateful:
+            qat.reset_sampling_state(model)  # every batch is a set of independent samples
         eps, _, _ = guided_eps(model, x, t, cond, uncond, held.guidance, modules)
         target = d["eps_cond"][sl].to(device)
         if "eps_uncond" in d:
@@ -78,7 +89,7 @@ def heldout_eps_mse(model: nn.Module, held: HeldOut, batch_size: int = 256) -> d
             target = qat.cfg_combine(eu, target, held.guidance)
         per_sample[sl] = (eps.float() - target).pow(2).flatten(1).mean(1).cpu()
     x0 = per_sample.double() * x0_error_weight(held.teacher.scheduler, d["t"].cpu())
-    # trajectory_steps lays samples out step-major: (step, trajectory)
+    qat.reset_sampling_state(model)
     by_step = per_sample.reshape(held.num_steps, held.num_trajectories).mean(1)
     x0_by_step = x0.reshape(held.num_steps, held.num_trajectories).mean(1)
     return {"eps_mse": float(per_sample.mean()), "x0_mse": float(x0.mean()),
