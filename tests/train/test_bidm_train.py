@@ -66,7 +66,7 @@ def test_export_reloads_exactly_and_pipeline_sampling_resets_the_connection(tiny
     saved = load_file(str(run / "student" / "student.safetensors"))
     student.load_state_dict(saved)
     alpha = saved["cross_timestep.alpha"]
-    assert not torch.equal(alpha, torch.full_like(alpha, 0.3))  # the blend table trained
+    assert not torch.equal(alpha, torch.full_like(alpha, cfg.bidm.alpha_init))  # the blend table trained
     exported = qat.load_quantized(run / "export" / "unet")
     assert isinstance(BiDM.connection(exported), qat.nn.binary.CrossTimestepConnection)
 
