@@ -57,7 +57,7 @@ ROWS = {"fp": "FP LoRA", "w4a4": "W4A4", "w-only": "W4A4, weights only", "a-only
 
 
 def block_inputs(student: torch.nn.Module, names: list[str], call: Callable[[], Any]) -> dict[str, tuple]:
-    """``(args, kwargs)`` each named block receives during ``call()`` (its first call)."""
+    """``(args, kwargs)`` each named block receives during ``call()`` (the first time it runs)."""
     seen: dict[str, tuple] = {}
     handles = []
     for name in names:

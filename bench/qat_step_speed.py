@@ -460,7 +460,7 @@ def main() -> None:
                 with torch.no_grad():
                     teacher_bf16(x.bfloat16(), t_single, encoder_hidden_states=ctx.bfloat16(), return_dict=False)
 
-            timer.run(forward, 1)  # its first call may compile anew (the generator's grad mode)
+            timer.run(forward, 1)  # the first run may compile anew (the generator's grad mode)
             pairs = []  # (forward, generation per teacher call), alternated: the ratio of neighbouring timings
             for _ in range(args.gen_repeats):
                 fwd = statistics.median(timer.run(forward, args.steps))

@@ -193,6 +193,7 @@ class CrossTimestepConnection(nn.Module):
         self._t: Tensor | None = None
         self._previous_t: Tensor | None = None
         self._valid: Tensor | None = None
+        self._rows: Tensor | None = None  # alpha rows of the current call's batch, computed once per call
 
     def attach(self, model: nn.Module) -> CrossTimestepConnection:
         """Hooks the blocks of ``model`` named by ``units``; the blend hooks of any connection attached before are
@@ -231,10 +232,10 @@ class CrossTimestepConnection(nn.Module):
                     "previous call as the previous sampling step, so the timesteps must fall call by call. Use a "
                     "sampler with one model evaluation per step (DDIM, DDPM, Euler) and one call for both CFG "
                     "branches, or call qat.reset_sampling_state(model) before an unrelated call")
-        self._t = t
+        self._t, self._rows = t, None
 
     def clear_timestep(self) -> None:
-        self._t = None
+        self._t, self._rows = None, None
 
     def reset_sampling_state(self) -> None:
         self._cache, self._previous_t, self._valid = {}, None, None
@@ -268,12 +269,14 @@ class CrossTimestepConnection(nn.Module):
             if self._t is None:
                 raise RuntimeError("cross-timestep connection: no timestep set for this call; run the model inside "
                                    "qat.timestep(model, t) or with qat.attach_timestep_hook")
-            t = self._t.to(h.device)
             n = h.shape[0]
-            t = t.expand(n) if t.dim() == 0 else t.repeat(n // t.numel()) if n % t.numel() == 0 else t
-            if t.numel() != n:
-                raise RuntimeError(f"cross-timestep connection: {t.numel()} timesteps for a batch of {n} rows")
-            a = self.alpha[self.bucket(t), index]
+            if self._rows is None or self._rows.numel() != n:
+                t = self._t.to(h.device)
+                t = t.expand(n) if t.dim() == 0 else t.repeat(n // t.numel()) if n % t.numel() == 0 else t
+                if t.numel() != n:
+                    raise RuntimeError(f"cross-timestep connection: {t.numel()} timesteps for a batch of {n} rows")
+                self._rows = self.bucket(t)
+            a = self.alpha[self._rows, index]
             if self._valid is not None:
                 a = a * self._valid.to(a.device)[:n].to(a.dtype)
             a = a.to(h.dtype).reshape(n, *([1] * (h.dim() - 1)))
