@@ -123,6 +123,31 @@ def time_rows(rows: dict[str, tuple[str, Callable[[], Callable[[], None]]]], key
     return results
 
 
+def fp_lora_step(teacher: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
+                 finish: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
+                 graphs: bool = False) -> Callable[[], None]:
+    """The reference step: the EfficientDM student of ``teacher`` with every quantizer off (each adapted layer
+    computes ``f(x, W + B A)``), output MSE against the teacher, AdamW over the rank-32 adapters."""
+    device = x.device
+    lora, _ = EfficientDM(EfficientDMConfig(act_init="minmax")).build_student(teacher, "unet")
+    lora.to(device)
+    set_flags(lora, quantized=False, fused=True)
+    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16):
+        target = teacher(x, t).sample.float()
+    model = finish(lora)
+    opt = torch.optim.AdamW(qat.param_groups(lora, lora_lr=1e-6, scale_aware=False), fused=device.type == "cuda")
+
+    def fn() -> None:
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast(device.type, torch.bfloat16):
+            out = model(x, t).sample
+        F.mse_loss(out.float(), target).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return fn
+
+
 def main() -> None:
     parser = step_parser(__doc__, "fp,binary", "comma-separated: fp, binary, binary_no_lrm")
     parser.add_argument("--mode", default="eager", choices=["eager", "blocks"])
@@ -141,25 +166,6 @@ def main() -> None:
             kwargs = {"mode": args.compile_mode} if args.compile_mode != "default" else {}
             compile_repeated_blocks(student, **kwargs)
         return student
-
-    def lora_step(lrm: bool) -> Callable[[], None]:
-        lora, _ = EfficientDM(EfficientDMConfig(act_init="minmax")).build_student(teacher, "unet")
-        lora.to(device)
-        set_flags(lora, quantized=False, fused=True)
-        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16):
-            target = teacher(x, t).sample.float()
-        model = finish(lora)
-        opt = torch.optim.AdamW(qat.param_groups(lora, lora_lr=1e-6, scale_aware=False), fused=cuda)
-
-        def fn() -> None:
-            if graphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            with torch.autocast(device.type, torch.bfloat16):
-                out = model(x, t).sample
-            F.mse_loss(out.float(), target).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return fn
 
     def binary_step(lrm: bool) -> Callable[[], None]:
         binary = BinaryDM(BinaryDMConfig(lrm_weight=1e-4 if lrm else 0.0))
@@ -188,7 +194,7 @@ def main() -> None:
             opt.zero_grad(set_to_none=True)
         return fn
 
-    rows = {"fp": ("FP LoRA step", lambda: lora_step(False)),
+    rows = {"fp": ("FP LoRA step", lambda: fp_lora_step(teacher, x, t, finish, graphs)),
             "binary": ("BinaryDM W1A4 step", lambda: binary_step(True)),
             "binary_no_lrm": ("BinaryDM W1A4 step, no LRM", lambda: binary_step(False))}
     mode = args.mode + (f", {args.compile_mode}" if args.mode == "blocks" else "")

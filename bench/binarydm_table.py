@@ -21,7 +21,7 @@ import multiprocessing
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +41,8 @@ LABELS = {"baseline": "baseline s sign(W)", "binarydm_no_lrm": "BinaryDM w/o LRM
 
 @dataclass(frozen=True)
 class Ablation:
-    """One method's table: its digits recipe, the bit-width shown, the variants (name -> overrides) and labels."""
+    """One method's table: its digits recipe, the bit-width shown, the variants (name -> overrides) and labels;
+    ``recipes``: variants trained from another recipe (name -> recipe)."""
 
     recipe: str
     bits: str
@@ -49,6 +50,7 @@ class Ablation:
     labels: dict[str, str]
     script: str
     default_out: str
+    recipes: dict[str, str] = field(default_factory=dict)
 
 
 BINARYDM = Ablation("binarydm_digits.yaml", "W1A4", VARIANTS, LABELS, "bench/binarydm_table.py",
@@ -86,7 +88,8 @@ def run_cell(ablation: Ablation, out: Path, name: str, seed: int, overrides: lis
     from train.cli import main as train_main
 
     start = time.time()
-    run = train_main([f"config={ablation.recipe}", f"output_dir={out / name / f'seed{seed}'}", f"seed={seed}",
+    recipe = ablation.recipes.get(name, ablation.recipe)
+    run = train_main([f"config={recipe}", f"output_dir={out / name / f'seed{seed}'}", f"seed={seed}",
                       f"trajectories.seed={3407 + 10000 * seed}", "export=false", *ablation.variants[name],
                       *overrides])
     return json.loads((run / "report.json").read_text()), round(time.time() - start, 1)

@@ -45,7 +45,9 @@ if str(REPO) not in sys.path:
 import diffusers  # noqa: E402
 
 import qat  # noqa: E402
+from qat.methods import Calibration, Method  # noqa: E402
 from qat.methods.efficientdm import EfficientDM, EfficientDMConfig  # noqa: E402
+from qat.methods.qvgen import QVGen, QVGenConfig, phase_starts  # noqa: E402
 from train.data.trajectories import OnlineTrajectories  # noqa: E402
 from train.models.families import denoise, set_family  # noqa: E402
 from train.models.teacher import Teacher  # noqa: E402
@@ -181,8 +183,16 @@ def build_teacher(spec: Spec, tiny: bool, device: torch.device, dtype: torch.dty
     return teacher
 
 
+def _method(name: str, family: str, num_steps: int) -> Method:
+    """The benchmarked method at its paper settings (EfficientDM: minmax ranges, the calibration is not timed)."""
+    if name == "qvgen":
+        return QVGen(QVGenConfig(family=family))
+    return EfficientDM(EfficientDMConfig(family=family, num_timesteps=num_steps, lora_rank=32, act_init="minmax",
+                                         weight_init="minmax"))
+
+
 def measure(spec: Spec, tiny: bool, batch: int, warmup: int, steps: int, grad_ckpt: bool,
-            device: torch.device) -> dict[str, Any]:
+            device: torch.device, method_name: str = "efficientdm", phase_run: int = 0) -> dict[str, Any]:
     """Builds teacher and student of ``spec`` and times trajectory generation and QAT steps."""
     t0 = time.perf_counter()
     teacher_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -198,9 +208,8 @@ def measure(spec: Spec, tiny: bool, batch: int, warmup: int, steps: int, grad_ck
     sec = _timed(lambda: data.next_batch(device), warmup, steps, device)
     row.update(traj_samples_per_s=batch / sec, traj_s_per_step=sec, traj_peak_gib=_peak_gib(device))
 
-    cfg = EfficientDMConfig(family=spec.family, num_timesteps=num_steps, lora_rank=32, act_init="minmax",
-                            weight_init="minmax")
-    student, _ = EfficientDM(cfg).build_student(teacher.unet, teacher.family)
+    method = _method(method_name, spec.family, num_steps)
+    student, _ = method.build_student(teacher.unet, teacher.family)
     student.float()
     qat.set_timestep_grid(student, teacher.ddim(num_steps).timesteps)
     # Quantizer ranges from one sample (and one latent frame of a video): qat.calibrate draws a CPU permutation over
@@ -216,11 +225,13 @@ def measure(spec: Spec, tiny: bool, batch: int, warmup: int, steps: int, grad_ck
         with qat.timestep(model, t):
             denoise(model, x, t, ctx)
 
+    t_init = time.perf_counter()
     with torch.no_grad():
-        qat.calibrate(student, [calib.t[:1]], calib_forward)
+        method.initialize(student, Calibration([calib.t[:1]], calib_forward))
+    row["init_s"] = round(time.perf_counter() - t_init, 1)
     if grad_ckpt:
         student.enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW(qat.param_groups(student), betas=(0.9, 0.999))
+    optimizer = torch.optim.AdamW(method.param_groups(student), betas=(0.9, 0.999))
     trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -245,10 +256,22 @@ def measure(spec: Spec, tiny: bool, batch: int, warmup: int, steps: int, grad_ck
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    _reset_peak(device)
-    sec = _timed(qat_step, warmup, steps, device)
-    row.update(qat_samples_per_s=batch / sec, qat_s_per_step=sec, qat_peak_gib=_peak_gib(device),
-               trainable_M=round(trainable / 1e6, 2), wall_s=round(time.perf_counter() - t0, 1))
+    # QVGen's rank decay: time each phase at the step where it starts (of a run of ``phase_run`` steps); the
+    # branch keeps its shapes, so memory should not change across phases
+    phases = [0]
+    if isinstance(method, QVGen) and phase_run:
+        phases = phase_starts(method.decay_steps(phase_run), len(method.ranks))
+    for start in phases:
+        method.on_train_step(student, start, phase_run or 1)
+        _reset_peak(device)
+        sec = _timed(qat_step, warmup, steps, device)
+        if start == phases[0]:
+            row.update(qat_samples_per_s=batch / sec, qat_s_per_step=sec, qat_peak_gib=_peak_gib(device))
+        if len(phases) > 1:
+            row.setdefault("phases", []).append({"step": start, "s_per_step": round(sec, 4),
+                                                 "peak_gib": _peak_gib(device)})
+    row.update(method=method.describe(), trainable_M=round(trainable / 1e6, 2),
+               wall_s=round(time.perf_counter() - t0, 1))
     return row  # the models go with this frame; main() collects and empties the CUDA cache
 
 
@@ -280,6 +303,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--grad-ckpt", choices=("auto", "on", "off"), default="auto",
                     help="gradient checkpointing of the student: auto = on for the video families")
+    ap.add_argument("--method", choices=("efficientdm", "qvgen"), default="efficientdm",
+                    help="the student: EfficientDM (QALoRA) or QVGen (full QAT with the auxiliary branch)")
+    ap.add_argument("--rank-phases", type=int, default=0, metavar="MAX_STEPS",
+                    help="QVGen: time a step at the start of every rank-decay phase of a run of MAX_STEPS steps")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=None, help="append one JSON line per family here")
     args = ap.parse_args(argv)
@@ -298,7 +325,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         batch = args.batch or (1 if args.tiny else spec.batch)
         ckpt = args.grad_ckpt == "on" or (args.grad_ckpt == "auto" and name in VIDEO)
         try:
-            row = measure(spec, args.tiny, batch, args.warmup, args.steps, ckpt, device)
+            row = measure(spec, args.tiny, batch, args.warmup, args.steps, ckpt, device, args.method,
+                          args.rank_phases)
         except torch.cuda.OutOfMemoryError:
             row = {"family": name, "model": spec.label, "batch": batch, "error": f"out of memory at batch {batch}"}
             print(f"{name}: out of memory at batch {batch}", flush=True)

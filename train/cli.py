@@ -95,6 +95,11 @@ def apply_performance(cfg: RunConfig, student: torch.nn.Module, teacher: Teacher
     After calibration (its capture hooks run eagerly); in place, so checkpoints keep the plain state-dict keys.
     """
     p = cfg.performance
+    if p.gradient_checkpointing:
+        if not getattr(student, "_supports_gradient_checkpointing", False):
+            raise ValueError(f"performance.gradient_checkpointing: the student ({type(student).__name__}) does not "
+                             "support gradient checkpointing; set it to false")
+        student.enable_gradient_checkpointing()
     # unset: for the eager layers outside CUDA-graph blocks, where the GPU time is the step time (docs/performance.md)
     graphs = p.compile and p.compile_blocks and p.compile_mode in CUDA_GRAPH_MODES
     qat.set_fast_path(student, fused=p.fused_fake_quant,

@@ -208,9 +208,14 @@ class TrainerConfig:
 
 @dataclass
 class PerformanceConfig:
-    """Speed settings; none changes results beyond floating-point rounding (``tests/qat/test_fast_path.py``).
+    """Speed and memory settings; none changes results beyond floating-point rounding
+    (``tests/qat/test_fast_path.py``, ``tests/train/test_qvgen_train.py``).
 
     Args:
+        gradient_checkpointing: recompute the student's blocks in backward instead of keeping their activations
+            (diffusers' ``enable_gradient_checkpointing``): what a full-size video student needs to fit one GPU,
+            at about one more forward per step. The timestep stays set on the student through the backward, so the
+            recomputed timestep-aware modules see the step's timestep.
         compile: ``torch.compile`` the student and the teacher denoisers in place (``nn.Module.compile``: the
             state-dict keys stay the same). The first steps are slow while it compiles.
         compile_backend: the ``torch.compile`` backend (``inductor``; ``aot_eager`` to debug).
@@ -243,6 +248,7 @@ class PerformanceConfig:
             of regionally compiled blocks would overwrite each other's outputs).
     """
 
+    gradient_checkpointing: bool = False
     compile: bool = False
     compile_backend: str = "inductor"
     fused_fake_quant: bool = True

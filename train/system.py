@@ -18,6 +18,7 @@ position and the method's state are saved in every checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -123,14 +124,23 @@ class DistillQATSystem(L.LightningModule):
         x = x.to(model_dtype(model))
         modules = self._timestep_modules if model is self.student else None
         if batch.cond is None:
-            with qat.timestep(model, t, modules, reuse=reuse):
+            with self._timestep(model, t, modules, reuse):
                 return denoise(model, x, t, None).float()
         tt = torch.cat([t, t])
         context = torch.cat([batch.uncond, batch.cond])
         if context.is_floating_point():  # a bf16 teacher's embedder gives bf16; DiT's integer labels stay integers
             context = context.to(x.dtype)
-        with qat.timestep(model, tt, modules, reuse=reuse):
+        with self._timestep(model, tt, modules, reuse):
             return denoise(model, torch.cat([x, x]), tt, context).float()
+
+    def _timestep(self, model: nn.Module, t: Tensor, modules: list[nn.Module] | None,
+                  reuse: bool) -> contextlib.AbstractContextManager:
+        """:func:`qat.timestep` for one model call; a student with gradient checkpointing keeps the timestep after
+        the call (its blocks run again in backward, after the call returned; the next call sets its own)."""
+        if model is self.student and torch.is_grad_enabled() and getattr(model, "is_gradient_checkpointing", False):
+            qat.set_timestep(model, t, modules, reuse=reuse)
+            return contextlib.nullcontext()
+        return qat.timestep(model, t, modules, reuse=reuse)
 
     def forward_student(self, x: Tensor, t: Tensor, batch: TrajectoryBatch) -> Tensor:
         """The student's raw output (see :meth:`forward_model`); with gradients, one forward per backward."""

@@ -8,6 +8,7 @@ lsq            LSQConfig              LSQQuantizer (learned step; LSQ+ learned o
 temporal_lsq   TemporalLSQConfig      TemporalLSQQuantizer (per-timestep table, EfficientDM)
 binary         BinaryConfig           BinaryQuantizer (1 bit, per-channel scales, K bases)
 sign_act       SignActConfig          SignActQuantizer (1-bit activations, learnable threshold)
+dynamic_token  DynamicTokenConfig     DynamicTokenQuantizer (per-token dynamic, clipping per timestep group)
 =============  =====================  =======================================================
 
 All derive from :class:`Quantizer`; the affine ones from :class:`AffineQuantizer`. A quantizer defined elsewhere
@@ -27,6 +28,7 @@ from qat.quantizers.base import (
     register_quantizer,
 )
 from qat.quantizers.binary import BinaryConfig, BinaryQuantizer
+from qat.quantizers.dynamic import DynamicTokenConfig, DynamicTokenQuantizer
 from qat.quantizers.lsq import LSQConfig, LSQQuantizer
 from qat.quantizers.sign import SignActConfig, SignActQuantizer
 from qat.quantizers.temporal_lsq import (
@@ -53,6 +55,8 @@ __all__ = [
     "BinaryQuantizer",
     "SignActConfig",
     "SignActQuantizer",
+    "DynamicTokenConfig",
+    "DynamicTokenQuantizer",
     "build_quantizer",
     "config_class",
     "register_quantizer",

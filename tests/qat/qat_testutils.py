@@ -127,3 +127,13 @@ TINY_MODELS: dict[str, Callable[[], tuple[torch.nn.Module, Callable, Callable]]]
     "unet": tiny_unet,
     "dit": tiny_dit,
 }
+
+
+def small_unet() -> UNet2DModel:
+    """Two levels, attention at the lower one: 9 block outputs (the digits teacher's shape)."""
+    torch.manual_seed(0)
+    return UNet2DModel(
+        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=8, in_channels=3,
+        out_channels=3, attention_head_dim=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DModel
+from qat_testutils import small_unet
 from safetensors.torch import load_file
 from torch import nn
 
@@ -19,16 +19,6 @@ from qat.nn.binary import CrossTimestepConnection, XnorConv2d
 from qat.prepare import quant_layers
 from qat.quantizers import BinaryConfig, BinaryQuantizer, SignActConfig, SignActQuantizer
 from qat.taps import FeatureTaps
-
-
-def small_unet() -> UNet2DModel:
-    """Two levels, attention at the lower one: 9 block outputs (the digits teacher's shape)."""
-    torch.manual_seed(0)
-    return UNet2DModel(
-        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=8, in_channels=3,
-        out_channels=3, attention_head_dim=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    )
 
 
 def _student(cfg: BiDMConfig, model: nn.Module | None = None) -> tuple[BiDM, nn.Module]:

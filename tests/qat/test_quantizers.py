@@ -30,6 +30,7 @@ from qat.quantizers import (
     AffineQuantizer,
     BinaryConfig,
     BinaryQuantizer,
+    DynamicTokenConfig,
     LSQConfig,
     SignActConfig,
     TemporalLSQConfig,
@@ -375,10 +376,11 @@ def test_registry_lookup() -> None:
     assert config_class("temporal_lsq") is TemporalLSQConfig
     assert config_class("binary") is BinaryConfig
     assert config_class("sign_act") is SignActConfig
-    assert QUANTIZERS.names() == ["binary", "lsq", "sign_act", "temporal_lsq", "uniform"]
+    assert config_class("dynamic_token") is DynamicTokenConfig
+    assert QUANTIZERS.names() == ["binary", "dynamic_token", "lsq", "sign_act", "temporal_lsq", "uniform"]
     assert type(build_quantizer(BinaryConfig(), num_channels=3)) is BinaryQuantizer
-    with pytest.raises(KeyError, match=r"unknown quantizer 'adaround'; known: \['binary', 'lsq', 'sign_act', "
-                                       r"'temporal_lsq', 'uniform'\]"):
+    with pytest.raises(KeyError, match=r"unknown quantizer 'adaround'; known: \['binary', 'dynamic_token', 'lsq', "
+                                       r"'sign_act', 'temporal_lsq', 'uniform'\]"):
         config_class("adaround")
     with pytest.raises(KeyError, match="known: "):
         QUANTIZERS.get("nope")

@@ -47,6 +47,7 @@ FAST_METHOD_OVERRIDES = {
     "efficientdm": ["efficientdm.num_timesteps=4", "efficientdm.lora_rank=4"],
     "binarydm": ["binarydm.warmup_groups=0"],
     "bidm": [],
+    "qvgen": ["qvgen.aux_rank=2"],  # two rank-decay phases: fits a 2-step run
 }
 
 
@@ -64,3 +65,36 @@ def fast_overrides(teacher: Path, out: Path, steps: int = 2, method: str = "effi
         "eval.num_trajectories=2", "eval.num_steps=4", "eval.enabled=false", "eval.num_samples=4",
         "eval.sampling_steps=4", "eval.batch_size=4", "eval.features=none", "eval.grid_size=4",
     ]
+
+
+class Killed(RuntimeError):
+    """The simulated kill of :func:`run_killed_at`."""
+
+
+def run_killed_at(argv: list[str], step: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs ``train.cli.main(argv)`` and kills it when training step ``step`` starts (after ``step`` completed
+    steps and their checkpoints), as a pre-empted job would be."""
+    from train.cli import main
+    from train.system import DistillQATSystem
+
+    original = DistillQATSystem.training_step
+
+    def dies_at(self: DistillQATSystem, batch: object, batch_idx: int) -> torch.Tensor:
+        if self.global_step == step:
+            raise Killed("simulated kill")
+        return original(self, batch, batch_idx)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(DistillQATSystem, "training_step", dies_at)
+        with pytest.raises(Killed):
+            main(argv)
+
+
+def max_student_difference(a: Path, b: Path) -> float:
+    """The largest absolute difference between the saved students (``student/student.safetensors``) of two runs,
+    which must hold the same keys."""
+    from safetensors.torch import load_file
+
+    sa, sb = (load_file(str(run / "student" / "student.safetensors")) for run in (a, b))
+    assert sa.keys() == sb.keys()
+    return max(float((sa[key].float() - sb[key].float()).abs().max()) for key in sa)

@@ -11,12 +11,11 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import qat
-from tests.train.conftest import fast_overrides, make_tiny_unconditional_teacher
+from tests.train.conftest import fast_overrides, make_tiny_unconditional_teacher, max_student_difference, run_killed_at
 from tests.train.test_launchers import _bin, _run
 from train.cli import build_student, main
 from train.config import ConfigError, load_config
 from train.models.teacher import load_teacher
-from train.system import DistillQATSystem
 
 #: recipes this file runs end to end (the unconditional LDM-4 one on a tiny unconditional teacher)
 RECIPES_RUN_HERE = {"binarydm_ldm4_bedrooms.yaml"}
@@ -29,34 +28,18 @@ def _args(teacher: Path, out: Path, steps: int) -> list[str]:
     return ["config=binarydm_digits.yaml", *fast_overrides(teacher, out, steps, method="binarydm"), *SCHEDULE]
 
 
-class _Killed(RuntimeError):
-    pass
-
-
 def test_binarydm_resume_equals_straight_run(tiny_teacher: Path, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     n, k = 6, 3  # warm-up groups switch at steps 0, 1, 2; the second basis goes at step 3
     straight = main(_args(tiny_teacher, tmp_path / "straight", n) + ["export=false"])
-    original = DistillQATSystem.training_step
-
-    def dies_at_k(self: DistillQATSystem, batch: object, batch_idx: int) -> torch.Tensor:
-        if self.global_step == k:
-            raise _Killed("simulated kill")
-        return original(self, batch, batch_idx)
-
-    monkeypatch.setattr(DistillQATSystem, "training_step", dies_at_k)
-    with pytest.raises(_Killed):
-        main(_args(tiny_teacher, tmp_path / "killed", n) + ["export=false"])
-    monkeypatch.setattr(DistillQATSystem, "training_step", original)
+    run_killed_at(_args(tiny_teacher, tmp_path / "killed", n) + ["export=false"], k, monkeypatch)
     ckpt = torch.load(tmp_path / "killed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert any(key.startswith("loss_terms.") and ".bases." in key for key in ckpt["state_dict"])  # LRM's bases
     resumed = main(_args(tiny_teacher, tmp_path / "killed", n) + ["export=false", "resume=last"])
 
-    a = load_file(str(straight / "student" / "student.safetensors"))
-    b = load_file(str(resumed / "student" / "student.safetensors"))
-    assert a.keys() == b.keys()
-    worst = max(float((a[key].float() - b[key].float()).abs().max()) for key in a)
+    worst = max_student_difference(straight, resumed)
     assert worst <= 1e-6, worst
+    a = load_file(str(straight / "student" / "student.safetensors"))
     assert {int(v) for key, v in a.items() if key.endswith("active_bases")} == {1}  # collapsed at the end
     events = EventAccumulator(str(straight / "tensorboard"))
     events.Reload()

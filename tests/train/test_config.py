@@ -91,7 +91,8 @@ def test_override_reaches_trainer_section() -> None:
         (["efficientdm.weight_bits=1"], r"efficientdm\.weight_bits: must be in \[2, 8\], got 1"),
         (["trajectories.eta=1.5"], r"trajectories\.eta: 1.5 is outside \[0, 1\]"),
         (["trajectories.batch_size=0"], r"trajectories\.batch_size: must be >= 1"),
-        (["method=qvgen"], r"method: 'qvgen' is not allowed; choose one of \['bidm', 'binarydm', 'efficientdm'\]"),
+        (["method=mpqdm"],
+         r"method: 'mpqdm' is not allowed; choose one of \['bidm', 'binarydm', 'efficientdm', 'qvgen'\]"),
         (["efficientdm.num_timesteps=50"],
          r"efficientdm\.num_timesteps: 50 must equal trajectories\.num_steps \(20\)"),
         (["teacher.conditioning=prompt_embeds"], r"teacher\.prompt_embeds_path: required"),
@@ -209,7 +210,7 @@ def test_old_keys_in_a_recipe_file_move_too(tmp_path: Path) -> None:
 _TOP_LEVEL = r"allowed keys here: \[.*'efficientdm'.*'trajectories'\]"
 
 
-@pytest.mark.parametrize("section", ["qvgen", "bidm"])
+@pytest.mark.parametrize("section", ["qvgen", "bidm", "mpqdm"])
 def test_section_of_an_unknown_method_is_refused(section: str) -> None:
     with pytest.raises(ConfigError, match=rf"^{section}: unknown key \(from command line\); {_TOP_LEVEL}"):
         load_config(["config=efficientdm_digits.yaml", f"{section}.weight_bits=2"])

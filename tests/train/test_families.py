@@ -248,10 +248,11 @@ def test_flow_step_is_euler_at_eta_0_and_keeps_the_marginal_at_eta_1() -> None:
 def test_every_recipe_runs_in_a_test() -> None:
     from tests.train.test_bidm_train import RECIPES_RUN_HERE as BIDM_RECIPES
     from tests.train.test_binarydm_train import RECIPES_RUN_HERE
+    from tests.train.test_qvgen_train import RECIPES_RUN_HERE as QVGEN_RECIPES
     from tests.train.test_train import class_unet_recipes
 
     covered = set(class_unet_recipes()) | {recipe for recipe, _ in FAMILY_CASES.values()}
-    covered |= RECIPES_RUN_HERE | BIDM_RECIPES
+    covered |= RECIPES_RUN_HERE | BIDM_RECIPES | QVGEN_RECIPES
     assert covered == {p.name for p in CONFIG_DIR.glob("*.yaml")}
 
 

@@ -308,7 +308,7 @@ def test_the_toy_method_is_refused_once_unregistered(tmp_path: Path) -> None:
 
     assert "toy" not in METHODS and "toy_ternary" not in QUANTIZERS and "toy_gain_conv" not in EXPORTABLE
     with pytest.raises(ConfigError, match=r"method: 'toy' is not allowed; choose one of \['bidm', 'binarydm', "
-                                          r"'efficientdm'\]"):
+                                          r"'efficientdm', 'qvgen'\]"):
         load_config(["config=efficientdm_digits.yaml", "method=toy"])
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from tests.train.conftest import fast_overrides
+from tests.train.conftest import fast_overrides, max_student_difference, run_killed_at
 from train.cli import build_student, calibrate_student, main
 from train.config import CONFIG_DIR, load_config
 from train.models.teacher import load_teacher
@@ -47,7 +47,8 @@ def test_two_step_smoke_run_of_each_recipe(recipe: str, tiny_teacher: Path, tmp_
     state = load_file(str(run / "student" / "student.safetensors"))
     own, act = {"efficientdm": ("lora_B", "act_quantizer.step"),  # the method's own state, its activation state
                 "binarydm": ("weight_quantizer.active_bases", "act_quantizer.step"),
-                "bidm": ("cross_timestep.alpha", "act_quantizer.threshold")}[method]
+                "bidm": ("cross_timestep.alpha", "act_quantizer.threshold"),
+                "qvgen": ("aux.left", "act_quantizer.clip_logits")}[method]
     assert any(own in k for k in state) and any(act in k for k in state)
     report = json.loads((run / "report.json").read_text())
     assert set(report["variants"]) == {"fp", "ptq", "qat"}
@@ -62,7 +63,8 @@ def test_two_step_smoke_run_of_each_recipe(recipe: str, tiny_teacher: Path, tmp_
     tags = acc.Tags()
     assert "train/loss" in tags["scalars"] and "train/grad_norm" in tags["scalars"]
     assert any(t.startswith("train_loss_by_t/") for t in tags["scalars"])
-    lr_tag = {"efficientdm": "lr/lora_mean", "binarydm": "lr/weights", "bidm": "lr/weights"}[method]
+    lr_tag = {"efficientdm": "lr/lora_mean", "binarydm": "lr/weights", "bidm": "lr/weights",
+              "qvgen": "lr/weights"}[method]
     assert lr_tag in tags["scalars"]
     if method != "bidm":  # BiDM's digits student has no affine quantizer (W1A1, full-precision edges)
         assert "quant/act_clipped_fraction" in tags["scalars"]
@@ -201,33 +203,16 @@ def test_cached_trajectories_equal_the_online_walk(tiny_teacher: Path, tmp_path:
     assert not torch.equal(walked[1].x, walked[2].x)  # the states really move (eta = 1 noise included)
 
 
-class _Killed(RuntimeError):
-    pass
-
-
 def test_resume_equals_straight_run(tiny_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     n, k = 6, 3
     args = ["config=efficientdm_digits.yaml", "trainer.deterministic=true"]
     straight = main([*args, *fast_overrides(tiny_teacher, tmp_path / "straight", steps=n)])
-
-    original = DistillQATSystem.training_step
-
-    def dies_after_k(self: DistillQATSystem, batch: object, batch_idx: int) -> torch.Tensor:
-        if self.global_step == k:
-            raise _Killed("simulated kill")
-        return original(self, batch, batch_idx)
-
-    monkeypatch.setattr(DistillQATSystem, "training_step", dies_after_k)
-    with pytest.raises(_Killed):
-        main([*args, *fast_overrides(tiny_teacher, tmp_path / "killed", steps=n)])
-    monkeypatch.setattr(DistillQATSystem, "training_step", original)
+    run_killed_at([*args, *fast_overrides(tiny_teacher, tmp_path / "killed", steps=n)], k, monkeypatch)
     resumed = main([*args, *fast_overrides(tiny_teacher, tmp_path / "killed", steps=n), "resume=last"])
 
-    a = load_file(str(straight / "student" / "student.safetensors"))
-    b = load_file(str(resumed / "student" / "student.safetensors"))
-    assert a.keys() == b.keys()
-    worst = max(float((a[key].float() - b[key].float()).abs().max()) for key in a)
+    worst = max_student_difference(straight, resumed)
     assert worst <= 1e-6, worst
+    a = load_file(str(straight / "student" / "student.safetensors"))
     # the run really was interrupted: the trained LoRA differs from the PTQ start
     assert any("lora_B" in key and a[key].abs().sum() > 0 for key in a)
 
