@@ -12,6 +12,8 @@ basis_l1      BasisL1Config      L1 of the binary quantizers' scales beyond the 
 spd           SpacePatched-      per-patch normalised spatial relation maps of tapped
               Distillation-      features (BiDM's space patched distillation)
               Config
+relation      RelationConfig     relation (cosine-similarity) maps of tapped features, KL or
+                                 TopKLD per row (MPQ-DM's relation distillation)
 ============  =================  ==========================================================
 """
 
@@ -23,7 +25,9 @@ from qat.losses.lowrank import LowRankMimicking, LowRankMimickingConfig
 from qat.losses.output import OutputMSE, OutputMSEConfig
 from qat.losses.patch import SpacePatchedDistillation, SpacePatchedDistillationConfig
 from qat.losses.regularizers import BasisL1, BasisL1Config
+from qat.losses.relation import Relation, RelationConfig, TopKLDSpec, relation_divergence, topk_kl
 
 __all__ = ["LOSSES", "LossConfig", "LossInputs", "LossTerm", "build_loss", "register_loss", "OutputMSE",
            "OutputMSEConfig", "FeatureMSE", "FeatureMSEConfig", "LowRankMimicking", "LowRankMimickingConfig",
-           "BasisL1", "BasisL1Config", "SpacePatchedDistillation", "SpacePatchedDistillationConfig"]
+           "BasisL1", "BasisL1Config", "SpacePatchedDistillation", "SpacePatchedDistillationConfig",
+           "Relation", "RelationConfig", "TopKLDSpec", "relation_divergence", "topk_kl"]
