@@ -193,9 +193,10 @@ class _Phases:
         self.last = now
 
 
-def _data_source(cfg: RunConfig, teacher: Teacher, method: Method, out: Path, device: torch.device, rank: int,
+def _data_source(cfg: RunConfig, teacher: Teacher, previous: bool, out: Path, device: torch.device, rank: int,
                  world: int) -> OnlineTrajectories | CachedTrajectories:
-    """The online walker or the cache (generated here if needed) of the teacher's trajectories."""
+    """The online walker or the cache (generated here if needed) of the teacher's trajectories; ``previous``: cached
+    batches carry each sample's previous step (online ones always do)."""
     tr = cfg.trajectories
     if tr.mode == "online":
         return OnlineTrajectories(teacher, tr.num_steps, tr.eta, tr.guidance_scale, tr.batch_size, tr.seed, rank,
@@ -204,7 +205,7 @@ def _data_source(cfg: RunConfig, teacher: Teacher, method: Method, out: Path, de
     manifest = generate_cache(teacher, cfg.teacher.path, cache_dir, tr.num_steps, tr.eta, tr.guidance_scale, tr.seed,
                               tr.num_trajectories, tr.shard_size, device, rank, world,
                               progress=cfg.trainer.enable_progress_bar)
-    return CachedTrajectories(manifest, tr.batch_size, tr.seed, rank, world, previous=method.needs_previous_step)
+    return CachedTrajectories(manifest, tr.batch_size, tr.seed, rank, world, previous=previous)
 
 
 def _trainer(cfg: RunConfig, method: Method, out: Path,
@@ -272,10 +273,11 @@ def main(argv: list[str] | None = None, callbacks: list[L.Callback] | None = Non
 
     # Before the cache is generated: a compiled teacher (performance.compile / compile_teacher) generates it faster.
     apply_performance(cfg, student, teacher)
-    data = _data_source(cfg, teacher, method, out, device, rank, world)
+    losses = [build_loss(c) for c in cfg.loss_configs]
+    previous = method.needs_previous_step or any(t.previous_taps() for t in (*losses, *method.loss_terms()))
+    data = _data_source(cfg, teacher, previous, out, device, rank, world)
     graphs = cfg.performance.compile and cfg.performance.compile_mode in CUDA_GRAPH_MODES
-    system = DistillQATSystem(teacher, student, method, data, cfg.optim, tr.guidance_scale,
-                              [build_loss(c) for c in cfg.loss_configs],
+    system = DistillQATSystem(teacher, student, method, data, cfg.optim, tr.guidance_scale, losses,
                               int(teacher.scheduler.config.num_train_timesteps), cfg.monitor.timestep_buckets,
                               cuda_graphs=graphs)
     trainer, preemption = _trainer(cfg, method, out, callbacks)

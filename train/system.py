@@ -97,6 +97,8 @@ class DistillQATSystem(L.LightningModule):
         # Resolved once, on the float teacher: the same names exist in the student (a wrapped layer keeps its
         # name), while a pattern resolved on the student would also catch its quantizers and adapters.
         self.taps = resolve_taps(teacher.unet, patterns) if patterns else []
+        previous = list(dict.fromkeys(p for term in self.loss_terms for p in term.previous_taps()))
+        self.previous_taps = resolve_taps(teacher.unet, previous) if previous else []
         self.num_train_timesteps = num_train_timesteps
         self.timestep_buckets = timestep_buckets
         self.cuda_graphs = cuda_graphs
@@ -155,6 +157,16 @@ class DistillQATSystem(L.LightningModule):
             self.forward_model(self.teacher_unet, batch.x, batch.t, batch, reuse=False)
         return tapped.features
 
+    @torch.no_grad()
+    def _previous_teacher_features(self, batch: TrajectoryBatch) -> tuple[dict[str, Tensor], Tensor]:
+        """The teacher's tapped features on each sample's previous trajectory step and the validity mask."""
+        prev = batch.previous
+        if prev is None:
+            raise RuntimeError("a loss term reads the previous trajectory step, but the batch does not carry it")
+        with FeatureTaps(self.teacher_unet, names=self.previous_taps) as tapped:
+            self.forward_model(self.teacher_unet, prev.x, prev.t, batch, reuse=False)
+        return tapped.features, prev.valid
+
     def student_loss(self, batch: TrajectoryBatch) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """``(loss, per-sample loss (B,), {term name: unweighted mean})`` of the student on ``batch``."""
         self.method.before_student_forward(self.student, batch, StepRunner(self, batch))
@@ -163,6 +175,8 @@ class DistillQATSystem(L.LightningModule):
         inputs = LossInputs(student_out=out, teacher_out=batch.targets(), t=batch.t, guided=batch.cond is not None,
                             guidance=self.guidance, student_features=tapped.features,
                             teacher_features=self._teacher_features(batch), student=self.student)
+        if self.previous_taps:
+            inputs.previous_teacher_features, inputs.previous_valid = self._previous_teacher_features(batch)
         loss: Tensor | None = None
         per: Tensor | None = None
         terms: dict[str, Tensor] = {}

@@ -55,6 +55,10 @@ class LossInputs:
         student_features: tapped module name -> the student's output (with its autograd graph).
         teacher_features: tapped module name -> the teacher's output on the same inputs (no graph).
         student: the student model (for regularisers on its parameters).
+        previous_teacher_features: for the terms with :meth:`LossTerm.previous_taps`: the teacher's tapped features
+            on each sample's previous trajectory step (same rows as ``teacher_features``, no graph).
+        previous_valid: ``(B,)`` whether a sample's previous step belongs to its trajectory (False at a
+            trajectory's first step, where ``previous_teacher_features`` holds the current step's).
     """
 
     student_out: Tensor
@@ -65,6 +69,8 @@ class LossInputs:
     student_features: dict[str, Tensor] = field(default_factory=dict)
     teacher_features: dict[str, Tensor] = field(default_factory=dict)
     student: nn.Module | None = None
+    previous_teacher_features: dict[str, Tensor] = field(default_factory=dict)
+    previous_valid: Tensor | None = None
 
 
 class LossTerm(nn.Module):
@@ -93,6 +99,11 @@ class LossTerm(nn.Module):
 
     def taps(self) -> list[str]:
         """Module-name patterns whose outputs this term reads (tapped on the student and the teacher)."""
+        return []
+
+    def previous_taps(self) -> list[str]:
+        """Module-name patterns whose teacher features at each sample's previous trajectory step this term reads
+        (``LossInputs.previous_teacher_features``; the trainer runs the teacher there, online or cached)."""
         return []
 
     def forward(self, inputs: LossInputs) -> Tensor:

@@ -7,14 +7,23 @@ Relation maps (MPQ-DM, Feng et al., AAAI 2025, arXiv:2412.11549, Sec. 3.3): for 
     R = softmax(A / tau, dim=-1)                      (one distribution over positions per query position)
     L_TRD = (1 / P) sum_i D(R_T[i] || R_S[i])                                                                  (1)
 
-with ``D`` the KL divergence (MPQ-DM) or TopKLD below. MPQ-DM sums over positions and samples and weights by 100;
-this term averages over query positions (the weight does not depend on the resolution) and returns one value per
-row of the batch. Unlike MPQ-DM's released code, which detaches both features, the student's features keep their
-graph, so the term trains the student. ``max_positions`` average-pools larger maps first, and the ``P x P`` maps are
-built ``chunk`` query rows at a time under activation checkpointing, so that memory stays ``O(chunk P)``.
+with ``D`` the KL divergence (MPQ-DM) or TopKLD below. Time smoothing (MPQ-DM: the features averaged over the
+last ``N = 2`` denoising steps) averages the teacher's features of the sample's current and previous trajectory step,
+
+    F_T <- (F_T(x_t, t) + F_T(x_t', t')) / 2       (t' the previous, noisier step of the same trajectory)       (3)
+
+and uses the current step alone at a trajectory's first step. The previous step comes with every batch, online (the
+step before on the walked trajectories) and cached (stored with each sample), and the trainer runs the teacher on it
+(one more no-grad teacher call per step); the student's features are the current step's, with their graph.
+
+MPQ-DM sums over positions and samples and weights by 100; this term averages over query positions (the weight does
+not depend on the resolution) and returns one value per row of the batch. Unlike MPQ-DM's released code, which
+detaches both features, the student's features keep their graph, so the term trains the student. ``max_positions``
+average-pools larger maps first, and the ``P x P`` maps are built ``chunk`` query rows at a time under activation
+checkpointing, so that memory stays ``O(chunk P)``.
 
 TopKLD ("Dissecting bit-level scaling laws in quantizing vision generative models", Ding et al.,
-arXiv:2501.06218; the paper gives no formula, this is the reading of ``docs/methods.md``): with ``S`` the teacher's
+arXiv:2501.06218; the paper gives no formula, this is DiffQAT's reading of its text): with ``S`` the teacher's
 top-``K`` entries of a distribution and ``p|S`` a distribution renormalised on ``S``::
 
     TopKLD(p_T, p_S) = alpha D_e(p_T|S, p_S|S) + (1 - alpha) D_i(p_T|U, p_S|U)                                 (2)
@@ -162,6 +171,8 @@ class RelationConfig(FeatureMSEConfig):
         chunk: query rows per chunk of the relation maps.
         topk: 0 for the KL of Eq. (1) (MPQ-DM); ``K > 0`` for TopKLD (Eq. 2) on each relation row.
         alpha / explicit / implicit / implicit_scope: TopKLD's settings (``topk > 0``).
+        smoothing_steps: ``N``, trajectory steps averaged in the teacher's features (Eq. 3): 1 (none) or 2 (the
+            sample's previous step too, MPQ-DM's N = 2).
     """
 
     name: ClassVar[str] = "relation"
@@ -174,6 +185,7 @@ class RelationConfig(FeatureMSEConfig):
     explicit: str = "reverse"
     implicit: str = "forward"
     implicit_scope: str = "full"
+    smoothing_steps: int = 1
 
     def problems(self) -> list[tuple[str, str]]:
         out = super().problems()
@@ -189,6 +201,9 @@ class RelationConfig(FeatureMSEConfig):
             out.append(("alpha", f"must be in [0, 1], got {self.alpha}"))
         out += one_of("explicit", self.explicit, DIRECTIONS) + one_of("implicit", self.implicit, DIRECTIONS)
         out += one_of("implicit_scope", self.implicit_scope, IMPLICIT_SCOPES)
+        if self.smoothing_steps not in (1, 2):
+            out.append(("smoothing_steps", f"must be 1 or 2 (the current and the previous trajectory step), got "
+                                           f"{self.smoothing_steps}"))
         return out
 
 
@@ -198,10 +213,27 @@ class Relation(FeatureTerm):
 
     config: RelationConfig
 
+    def previous_taps(self) -> list[str]:
+        return self.taps() if self.config.smoothing_steps > 1 else []
+
+    def target(self, inputs: LossInputs, name: str) -> Tensor:
+        """The teacher's features of ``name``, averaged with those of the previous step of the same trajectory
+        (Eq. 3) where the config asks for it and the sample has one."""
+        current = inputs.teacher_features[name]
+        if self.config.smoothing_steps == 1:
+            return current
+        previous, valid = inputs.previous_teacher_features.get(name), inputs.previous_valid
+        if previous is None or valid is None:
+            raise ValueError(f"{self.name}: smoothing_steps=2 needs the teacher's features of {name!r} on the "
+                             "previous trajectory step (LossInputs.previous_teacher_features)")
+        rows = valid.repeat(current.shape[0] // valid.shape[0])  # [uncond; cond] rows share a sample's mask
+        mask = rows.reshape(-1, *([1] * (current.dim() - 1)))
+        return torch.where(mask, (current.float() + previous.float()) / 2, current.float())
+
     def forward(self, inputs: LossInputs) -> Tensor:
         c = self.config
         spec = TopKLDSpec(c.topk, c.alpha, c.explicit, c.implicit, c.implicit_scope)
         names = self.tapped_names(inputs)
-        values = [relation_divergence(inputs.student_features[n], inputs.teacher_features[n], c.tau, spec,
+        values = [relation_divergence(inputs.student_features[n], self.target(inputs, n), c.tau, spec,
                                       c.max_positions, c.chunk) for n in names]
         return torch.stack(values).mean(0)

@@ -142,3 +142,21 @@ def test_the_term_averages_its_taps_and_validates_its_config() -> None:
                      ({"alpha": 1.5}, "alpha"), ({"implicit_scope": "head"}, "implicit_scope")):
         with pytest.raises(ValueError, match=rf"{key}"):
             RelationConfig(**bad)
+
+
+def test_time_smoothing_averages_only_with_the_previous_step_of_the_same_trajectory() -> None:
+    gen = torch.Generator().manual_seed(8)
+    cur_t, prev_t, cur_s = (torch.randn(4, 3, 2, 2, generator=gen) for _ in range(3))  # guided: [uncond; cond]
+    valid = torch.tensor([True, False])  # sample 1 is at its trajectory's first step
+    term = Relation(RelationConfig(taps=["f"], smoothing_steps=2))
+    assert term.previous_taps() == ["f"] and Relation(RelationConfig(taps=["f"])).previous_taps() == []
+    out = torch.zeros(4, 1)
+    value = term(LossInputs(out, out, torch.tensor([500, 999]), True, 1.5, {"f": cur_s}, {"f": cur_t},
+                            previous_teacher_features={"f": prev_t}, previous_valid=valid))
+    target = cur_t.clone()
+    for row in (0, 2):  # sample 0's uncond and cond rows
+        target[row] = (cur_t[row] + prev_t[row]) / 2
+    torch.testing.assert_close(value, relation_divergence(cur_s, target))
+    assert not torch.allclose(value[0], relation_divergence(cur_s, cur_t)[0])  # the smoothing changed sample 0
+    with pytest.raises(ValueError, match="previous trajectory step"):
+        term(LossInputs(out, out, torch.tensor([500, 999]), True, 1.5, {"f": cur_s}, {"f": cur_t}))

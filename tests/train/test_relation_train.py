@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -24,3 +25,15 @@ def test_relation_alone_trains_the_student_and_is_logged(tiny_teacher: Path, tmp
     state = load_file(str(run / "student" / "student.safetensors"))
     lora_b = [v for k, v in state.items() if "lora_B" in k]
     assert lora_b and any(float(v.abs().sum()) > 0 for v in lora_b)  # moved off its zero init by this term alone
+
+
+@pytest.mark.parametrize("mode", ["online", "cached"])
+def test_time_smoothed_relation_runs_online_and_cached(mode: str, tiny_teacher: Path, tmp_path: Path) -> None:
+    """Both sources carry each sample's previous step; the trainer runs the teacher there for the smoothing."""
+    run = main(["config=efficientdm_digits.yaml", *fast_overrides(tiny_teacher, tmp_path / "r", 2),
+                f"trajectories.mode={mode}", "losses.relation.weight=1", "losses.relation.taps=[conv_norm_out]",
+                "losses.relation.smoothing_steps=2", "export=false"])
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    values = [e.value for e in acc.Scalars("train/relation")]
+    assert len(values) == 2 and all(math.isfinite(v) and v > 0 for v in values)
