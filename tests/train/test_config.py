@@ -156,7 +156,7 @@ def test_every_problem_of_one_config_is_reported_at_once() -> None:
         r"trajectories\.guidance_scale: classifier-free guidance needs conditioning",
         r"performance\.compile_blocks: .*needs performance\.compile=true",
         r"losses\.nope: unknown loss \(from command line\); registered losses: \['basis_l1', 'feature_mse', 'lrm', "
-        r"'output_mse', 'spd'\]",
+        r"'output_mse', 'relation', 'spd'\]",
         r"losses\.output_mse\.target: must be one of \['cfg', 'branches'\], got 'x'",
     ]
     errors = info.value.errors
