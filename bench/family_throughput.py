@@ -14,7 +14,10 @@ two things are timed (``--warmup`` untimed + ``--steps`` timed iterations, synch
 * QAT step: the same trajectory step (the teacher targets) plus the EfficientDM student (W4A4 QALoRA rank 32 +
   temporal LSQ activations, W8A8 special layers, fp32 master weights) forward on ``2 B`` inputs under bf16 autocast,
   the CFG-output MSE of :class:`train.system.DistillQATSystem` (``losses.output_mse.target: cfg``), backward and an
-  AdamW step over :func:`qat.param_groups`. samples/s = ``B`` per step.
+  AdamW step over :func:`qat.param_groups`. samples/s = ``B`` per step. ``--method qvgen``: the QVGen student instead
+  (W4A4 LSQ+ weights, per-token dynamic activations, the rank-32 auxiliary branch, every parameter trained, AdamW
+  over the method's groups); with ``--rank-phases N`` a step is timed at the start of each rank-decay phase of an
+  ``N``-step run, the peak memory reset per phase (JSON rows' ``phases``).
 
 Peak memory is ``torch.cuda.max_memory_allocated`` of each phase. Text conditions are random states of the real
 length and width (the text encoder is not part of the step). ``--grad-ckpt auto`` checkpoints the student's blocks
