@@ -148,16 +148,15 @@ def fp_lora_step(teacher: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
     return fn
 
 
-def main() -> None:
-    parser = step_parser(__doc__, "fp,binary", "comma-separated: fp, binary, binary_no_lrm")
+def add_compile_args(parser: argparse.ArgumentParser) -> None:
+    """``--mode eager|blocks`` (regional compilation of the repeated blocks, as ``performance.compile_blocks``) and
+    ``--compile-mode``."""
     parser.add_argument("--mode", default="eager", choices=["eager", "blocks"])
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode with --mode blocks")
-    args = parser.parse_args()
-    device, cuda, teacher = setup(args)
-    b, size = args.batch, teacher.config.sample_size
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(b, 3, size, size, generator=gen).to(device)
-    t = torch.randint(1, 1000, (b,), generator=gen).to(device)
+
+
+def compile_finisher(args: argparse.Namespace) -> tuple[Callable[[torch.nn.Module], torch.nn.Module], bool, str]:
+    """``(finish, CUDA graphs, mode label)``: ``finish(model)`` applies ``--mode`` to a built student in place."""
     graphs = args.mode == "blocks" and args.compile_mode in CUDA_GRAPH_MODES
 
     def finish(student: torch.nn.Module) -> torch.nn.Module:
@@ -166,6 +165,20 @@ def main() -> None:
             kwargs = {"mode": args.compile_mode} if args.compile_mode != "default" else {}
             compile_repeated_blocks(student, **kwargs)
         return student
+
+    return finish, graphs, args.mode + (f", {args.compile_mode}" if args.mode == "blocks" else "")
+
+
+def main() -> None:
+    parser = step_parser(__doc__, "fp,binary", "comma-separated: fp, binary, binary_no_lrm")
+    add_compile_args(parser)
+    args = parser.parse_args()
+    device, cuda, teacher = setup(args)
+    b, size = args.batch, teacher.config.sample_size
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(b, 3, size, size, generator=gen).to(device)
+    t = torch.randint(1, 1000, (b,), generator=gen).to(device)
+    finish, graphs, mode = compile_finisher(args)
 
     def binary_step(lrm: bool) -> Callable[[], None]:
         binary = BinaryDM(BinaryDMConfig(lrm_weight=1e-4 if lrm else 0.0))
@@ -197,7 +210,6 @@ def main() -> None:
     rows = {"fp": ("FP LoRA step", lambda: fp_lora_step(teacher, x, t, finish, graphs)),
             "binary": ("BinaryDM W1A4 step", lambda: binary_step(True)),
             "binary_no_lrm": ("BinaryDM W1A4 step, no LRM", lambda: binary_step(False))}
-    mode = args.mode + (f", {args.compile_mode}" if args.mode == "blocks" else "")
     results = time_rows(rows, args.rows.split(","), args, device, teacher, mode)
     if "fp" in results and "binary" in results:
         (fp_ms, fp_peak), (bin_ms, bin_peak) = results["fp"], results["binary"]

@@ -2,6 +2,7 @@
 
     python bench/qvgen_step_speed.py                          # LSUN-Bedrooms LDM-4 layout (274.1M), batch 32, bf16
     python bench/qvgen_step_speed.py --rows fp,qvgen,lsq,qvgen_frozen --profile
+    python bench/qvgen_step_speed.py --mode blocks --compile-mode reduce-overhead    # both rows compiled per block
     python bench/qvgen_step_speed.py --tiny --device cpu      # checks the script itself on a CPU (tiny UNet)
 
 Rows (median of ``--steps`` timed steps after ``--warmup``; peak memory allocated and reserved from the first
@@ -34,7 +35,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import qat  # noqa: E402
-from bench.binarydm_step_speed import fp_lora_step, setup, step_parser, time_rows  # noqa: E402
+from bench.binarydm_step_speed import (  # noqa: E402
+    add_compile_args,
+    compile_finisher,
+    fp_lora_step,
+    setup,
+    step_parser,
+    time_rows,
+)
 from qat.methods import Calibration, QVGen, QVGenConfig  # noqa: E402
 from qat.nn.auxiliary import AuxLowRank  # noqa: E402
 from qat.quantizers.base import Quantizer  # noqa: E402
@@ -42,8 +50,11 @@ from qat.quantizers.base import Quantizer  # noqa: E402
 
 def main() -> None:
     rows_help = "comma-separated: fp, qvgen, lsq, qvgen_frozen"
-    args = step_parser(__doc__, "fp,qvgen", rows_help).parse_args()
+    parser = step_parser(__doc__, "fp,qvgen", rows_help)
+    add_compile_args(parser)
+    args = parser.parse_args()
     device, cuda, teacher = setup(args)
+    finish, graphs, mode = compile_finisher(args)
     b, size = args.batch, teacher.config.sample_size
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(b, 3, size, size, generator=gen).to(device)
@@ -69,21 +80,23 @@ def main() -> None:
                     m.requires_grad_(True)
         method.on_train_step(student, 0, 1000)
         opt = torch.optim.AdamW(method.param_groups(student), fused=cuda)
+        model = finish(student)
 
         def fn() -> None:
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             with torch.autocast(device.type, torch.bfloat16):
-                out = call(student, x).float()
+                out = call(model, x).float()
             F.mse_loss(out, target).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         return fn
 
-    rows = {"fp": ("FP LoRA step", lambda: fp_lora_step(teacher, x, t)),
+    rows = {"fp": ("FP LoRA step", lambda: fp_lora_step(teacher, x, t, finish, graphs)),
             "qvgen": ("QVGen W4A4 step, rank 32", lambda: qvgen_step(32)),
             "lsq": ("LSQ QAT W4A4 step (no Phi)", lambda: qvgen_step(0)),
             "qvgen_frozen": ("QVGen W4A4 step, rank 32, frozen W", lambda: qvgen_step(32, frozen=True))}
-    args.mode = "eager"
-    results = time_rows(rows, args.rows.split(","), args, device, teacher, "eager")
+    results = time_rows(rows, args.rows.split(","), args, device, teacher, mode)
     if "fp" in results and "qvgen" in results:
         (fp_ms, fp_peak), (q_ms, q_peak) = results["fp"], results["qvgen"]
         print(f"\nQVGen / FP LoRA: throughput {fp_ms / q_ms:.3f} (target >= 0.9), peak memory "

@@ -14,11 +14,14 @@ spd           SpacePatched-      per-patch normalised spatial relation maps of t
               Config
 relation      RelationConfig     relation (cosine-similarity) maps of tapped features, KL or
                                  TopKLD per row (MPQ-DM's relation distillation)
+attention_kl  AttentionKLConfig  attention probabilities of tapped attention modules, KL or
+                                 TopKLD per query row
 ============  =================  ==========================================================
 """
 
 from __future__ import annotations
 
+from qat.losses.attention import AttentionKL, AttentionKLConfig, attention_divergence
 from qat.losses.base import LOSSES, LossConfig, LossInputs, LossTerm, build_loss, register_loss
 from qat.losses.feature import FeatureMSE, FeatureMSEConfig
 from qat.losses.lowrank import LowRankMimicking, LowRankMimickingConfig
@@ -30,4 +33,5 @@ from qat.losses.relation import Relation, RelationConfig, TopKLDSpec, relation_d
 __all__ = ["LOSSES", "LossConfig", "LossInputs", "LossTerm", "build_loss", "register_loss", "OutputMSE",
            "OutputMSEConfig", "FeatureMSE", "FeatureMSEConfig", "LowRankMimicking", "LowRankMimickingConfig",
            "BasisL1", "BasisL1Config", "SpacePatchedDistillation", "SpacePatchedDistillationConfig",
-           "Relation", "RelationConfig", "TopKLDSpec", "relation_divergence", "topk_kl"]
+           "Relation", "RelationConfig", "TopKLDSpec", "relation_divergence", "topk_kl", "AttentionKL",
+           "AttentionKLConfig", "attention_divergence"]

@@ -49,7 +49,8 @@ from qat.checks import one_of
 from qat.losses.base import LossInputs, register_loss
 from qat.losses.feature import FeatureMSEConfig, FeatureTerm
 
-__all__ = ["TopKLDSpec", "topk_kl", "relation_logits", "relation_divergence", "RelationConfig", "Relation"]
+__all__ = ["TopKLDSpec", "topk_kl", "row_divergence", "relation_logits", "relation_divergence", "DivergenceConfig",
+           "RelationConfig", "Relation"]
 
 DIRECTIONS = ("forward", "reverse")
 IMPLICIT_SCOPES = ("full", "tail")
@@ -135,64 +136,68 @@ def relation_logits(features: Tensor, tau: float = 1.0, max_positions: int | Non
     return u @ u.transpose(1, 2) / tau
 
 
-def _chunk_divergence(u_t: Tensor, u_s: Tensor, tau: float, spec: TopKLDSpec) -> Tensor:
-    return topk_kl(u_t[0] @ u_t[1].transpose(1, 2) / tau, u_s[0] @ u_s[1].transpose(1, 2) / tau, spec).sum(-1)
+def _chunk_divergence(q_t: Tensor, k_t: Tensor, q_s: Tensor, k_s: Tensor, tau: float, spec: TopKLDSpec) -> Tensor:
+    # float32 here, inside the checkpointed chunk: half-precision features are kept as they are, not as copies
+    logits_t = q_t.float() @ k_t.float().transpose(-1, -2) / tau
+    return topk_kl(logits_t, q_s.float() @ k_s.float().transpose(-1, -2) / tau, spec).sum(-1)
+
+
+def row_divergence(q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor, tau: float = 1.0,
+                   spec: TopKLDSpec = TopKLDSpec(), chunk: int = 256) -> Tensor:
+    """The mean over rows ``i`` of ``D(softmax(q_t k_t^T / tau)[i] || softmax(q_s k_s^T / tau)[i])`` for queries
+    ``(..., R, d)`` and keys ``(..., P, d)``, returning ``(...)``: the logits are built in float32 ``chunk`` rows
+    at a time, each chunk recomputed in backward when the student needs gradients, so that memory stays
+    ``O(chunk P)``."""
+    if q_s.shape != q_t.shape or k_s.shape != k_t.shape:
+        raise ValueError(f"student and teacher features differ in shape: {list(q_s.shape)}, {list(k_s.shape)} vs "
+                         f"{list(q_t.shape)}, {list(k_t.shape)}")
+    q_t, k_t = q_t.detach(), k_t.detach()
+    total = q_s.new_zeros(q_s.shape[:-2])
+    rows = q_s.shape[-2]
+    grad = torch.is_grad_enabled() and (q_s.requires_grad or k_s.requires_grad)
+    for start in range(0, rows, chunk):
+        part = slice(start, start + chunk)
+        args = (q_t[..., part, :], k_t, q_s[..., part, :], k_s, tau, spec)
+        total = total + (checkpoint(_chunk_divergence, *args, use_reentrant=False) if grad
+                         else _chunk_divergence(*args))
+    return total / rows
 
 
 def relation_divergence(student: Tensor, teacher: Tensor, tau: float = 1.0, spec: TopKLDSpec = TopKLDSpec(),
                         max_positions: int | None = None, chunk: int = 256) -> Tensor:
-    """Eq. (1) per sample, ``(N,)``: the mean over query positions of ``D(R_T[i] || R_S[i])``, built ``chunk`` query
-    rows at a time (each chunk recomputed in backward when the student needs gradients)."""
+    """Eq. (1) per sample, ``(N,)``: the mean over query positions of ``D(R_T[i] || R_S[i])``
+    (:func:`row_divergence` with the unit vectors as both queries and keys)."""
     u_s, u_t = _positions(student, max_positions), _positions(teacher.detach(), max_positions)
-    if u_s.shape != u_t.shape:
-        raise ValueError(f"student and teacher features differ in shape: {list(student.shape)} vs "
-                         f"{list(teacher.shape)}")
-    total = u_s.new_zeros(u_s.shape[0])
-    p = u_s.shape[1]
-    for start in range(0, p, chunk):
-        rows = slice(start, start + chunk)
-        args = ((u_t[:, rows], u_t), (u_s[:, rows], u_s), tau, spec)
-        if torch.is_grad_enabled() and u_s.requires_grad:
-            total = total + checkpoint(_chunk_divergence, *args, use_reentrant=False)
-        else:
-            total = total + _chunk_divergence(*args)
-    return total / p
+    return row_divergence(u_s, u_s, u_t, u_t, tau, spec, chunk)
 
 
 @dataclass
-class RelationConfig(FeatureMSEConfig):
-    """Config of :class:`Relation` (``losses.relation``).
+class DivergenceConfig(FeatureMSEConfig):
+    """The settings shared by the terms that compare softmax distributions row by row (``relation``,
+    ``attention_kl``).
 
     Args:
-        taps: module-name patterns of the compared features (MPQ-DM: the output before the last projection, e.g.
-            ``conv_norm_out`` of a diffusers UNet or ``norm_out`` of a transformer).
-        tau: relation temperature (MPQ-DM: 1).
-        max_positions: average-pool maps with more positions to about this many (None: never).
-        chunk: query rows per chunk of the relation maps.
-        topk: 0 for the KL of Eq. (1) (MPQ-DM); ``K > 0`` for TopKLD (Eq. 2) on each relation row.
+        tau: temperature of the logits.
+        chunk: rows per chunk of the logits.
+        topk: 0 for the plain KL ``KL(p_T || p_S)``; ``K > 0`` for TopKLD (Eq. 2) on each row.
         alpha / explicit / implicit / implicit_scope: TopKLD's settings (``topk > 0``).
-        smoothing_steps: ``N``, trajectory steps averaged in the teacher's features (Eq. 3): 1 (none) or 2 (the
-            sample's previous step too, MPQ-DM's N = 2).
     """
 
-    name: ClassVar[str] = "relation"
-    taps: list[str] = field(default_factory=lambda: ["conv_norm_out"])
     tau: float = 1.0
-    max_positions: int | None = 1024
     chunk: int = 256
     topk: int = 0
     alpha: float = 0.5
     explicit: str = "reverse"
     implicit: str = "forward"
     implicit_scope: str = "full"
-    smoothing_steps: int = 1
+
+    def spec(self) -> TopKLDSpec:
+        return TopKLDSpec(self.topk, self.alpha, self.explicit, self.implicit, self.implicit_scope)
 
     def problems(self) -> list[tuple[str, str]]:
         out = super().problems()
         if self.tau <= 0:
             out.append(("tau", f"must be > 0, got {self.tau}"))
-        if self.max_positions is not None and self.max_positions < 1:
-            out.append(("max_positions", f"must be >= 1 or null, got {self.max_positions}"))
         if self.chunk < 1:
             out.append(("chunk", f"must be >= 1, got {self.chunk}"))
         if self.topk < 0:
@@ -200,7 +205,31 @@ class RelationConfig(FeatureMSEConfig):
         if not 0.0 <= self.alpha <= 1.0:
             out.append(("alpha", f"must be in [0, 1], got {self.alpha}"))
         out += one_of("explicit", self.explicit, DIRECTIONS) + one_of("implicit", self.implicit, DIRECTIONS)
-        out += one_of("implicit_scope", self.implicit_scope, IMPLICIT_SCOPES)
+        return out + one_of("implicit_scope", self.implicit_scope, IMPLICIT_SCOPES)
+
+
+@dataclass
+class RelationConfig(DivergenceConfig):
+    """Config of :class:`Relation` (``losses.relation``); the divergence settings are :class:`DivergenceConfig`'s.
+
+    Args:
+        taps: module-name patterns of the compared features (MPQ-DM: the output before the last projection, e.g.
+            ``conv_norm_out`` of a diffusers UNet or ``norm_out`` of a transformer).
+        tau: relation temperature (MPQ-DM: 1).
+        max_positions: average-pool maps with more positions to about this many (None: never).
+        smoothing_steps: ``N``, trajectory steps averaged in the teacher's features (Eq. 3): 1 (none) or 2 (the
+            sample's previous step too, MPQ-DM's N = 2).
+    """
+
+    name: ClassVar[str] = "relation"
+    taps: list[str] = field(default_factory=lambda: ["conv_norm_out"])
+    max_positions: int | None = 1024
+    smoothing_steps: int = 1
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = super().problems()
+        if self.max_positions is not None and self.max_positions < 1:
+            out.append(("max_positions", f"must be >= 1 or null, got {self.max_positions}"))
         if self.smoothing_steps not in (1, 2):
             out.append(("smoothing_steps", f"must be 1 or 2 (the current and the previous trajectory step), got "
                                            f"{self.smoothing_steps}"))
@@ -232,7 +261,7 @@ class Relation(FeatureTerm):
 
     def forward(self, inputs: LossInputs) -> Tensor:
         c = self.config
-        spec = TopKLDSpec(c.topk, c.alpha, c.explicit, c.implicit, c.implicit_scope)
+        spec = c.spec()
         names = self.tapped_names(inputs)
         values = [relation_divergence(inputs.student_features[n], self.target(inputs, n), c.tau, spec,
                                       c.max_positions, c.chunk) for n in names]

@@ -37,3 +37,21 @@ def test_time_smoothed_relation_runs_online_and_cached(mode: str, tiny_teacher: 
     acc.Reload()
     values = [e.value for e in acc.Scalars("train/relation")]
     assert len(values) == 2 and all(math.isfinite(v) and v > 0 for v in values)
+
+
+def test_attention_kl_with_relation_is_logged_per_term_on_the_quantized_attention(tiny_teacher: Path,
+                                                                                   tmp_path: Path) -> None:
+    """TopKLD on the self-attention maps of the quantized student (heads read from the attention modules) next to
+    relation distillation: every term has its own curve and the total is their weighted sum."""
+    run = main(["config=qvgen_digits.yaml", *fast_overrides(tiny_teacher, tmp_path / "r", 2, "qvgen"),
+                "losses.attention_kl.weight=2", "losses.attention_kl.taps=['*.attn1']", "losses.attention_kl.topk=4",
+                "losses.relation.weight=1", "losses.relation.taps=[conv_norm_out]", "export=false"])
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    terms = {k: [e.value for e in acc.Scalars(f"train/{k}")] for k in ("attention_kl", "relation", "output_mse",
+                                                                       "loss")}
+    assert all(len(v) == 2 and all(math.isfinite(x) for x in v) for v in terms.values())
+    assert all(v > 0 for v in terms["attention_kl"])
+    for i in range(2):
+        total = 2 * terms["attention_kl"][i] + terms["relation"][i] + terms["output_mse"][i]
+        assert math.isclose(terms["loss"][i], total, rel_tol=1e-4)
