@@ -155,8 +155,8 @@ def test_every_problem_of_one_config_is_reported_at_once() -> None:
         r"efficientdm\.weight_bits: must be in \[2, 8\], got 1",
         r"trajectories\.guidance_scale: classifier-free guidance needs conditioning",
         r"performance\.compile_blocks: .*needs performance\.compile=true",
-        r"losses\.nope: unknown loss \(from command line\); registered losses: \['basis_l1', 'feature_mse', 'lrm', "
-        r"'output_mse', 'relation', 'spd'\]",
+        r"losses\.nope: unknown loss \(from command line\); registered losses: \['attention_kl', 'basis_l1', "
+        r"'feature_mse', 'lrm', 'output_mse', 'relation', 'spd'\]",
         r"losses\.output_mse\.target: must be one of \['cfg', 'branches'\], got 'x'",
     ]
     errors = info.value.errors
