@@ -3,7 +3,8 @@
 See :mod:`train.eval.cli` for the accepted sources and keys.
 """
 
+from train.entry import run_entry
 from train.eval.cli import main
 
 if __name__ == "__main__":
-    main()
+    run_entry(main)

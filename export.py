@@ -68,4 +68,6 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from train.entry import run_entry
+
+    run_entry(lambda: main(sys.argv[1:]))

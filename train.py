@@ -8,6 +8,7 @@ See ``train/cli.py`` for the steps and ``train/config.py`` for every key.
 """
 
 from train.cli import main
+from train.entry import run_entry
 
 if __name__ == "__main__":
-    main()
+    run_entry(main)

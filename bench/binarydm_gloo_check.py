@@ -64,7 +64,7 @@ def main() -> None:
         subprocess.run([sys.executable, str(REPO / "bench" / "make_random_ldm4.py"), "--output", str(teacher),
                         "--layout", "lsun_bedrooms-ldm-vq-4", *width], check=True)
     common = ["config=binarydm_ldm4_bedrooms.yaml", f"teacher.path={teacher}", f"trainer.max_steps={args.steps}",
-              *SHRINK]
+              "overwrite=true", *SHRINK]
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     runs = {"one": [sys.executable, "train.py", *common, f"output_dir={out / 'one'}", "trainer.devices=1",
                     "trajectories.batch_size=2"],

@@ -90,7 +90,8 @@ def run_cell(ablation: Ablation, out: Path, name: str, seed: int, overrides: lis
     start = time.time()
     recipe = ablation.recipes.get(name, ablation.recipe)
     run = train_main([f"config={recipe}", f"output_dir={out / name / f'seed{seed}'}", f"seed={seed}",
-                      f"trajectories.seed={3407 + 10000 * seed}", "export=false", *ablation.variants[name],
+                      f"trajectories.seed={3407 + 10000 * seed}", "export=false", "overwrite=true",
+                      *ablation.variants[name],
                       *overrides])
     return json.loads((run / "report.json").read_text()), round(time.time() - start, 1)
 

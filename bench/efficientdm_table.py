@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     for name in args.bits:
         w, a = BITS[name]
         start = time.time()
-        run = train_main(["config=efficientdm_digits.yaml", f"output_dir={out / name}",
+        run = train_main(["config=efficientdm_digits.yaml", f"output_dir={out / name}", "overwrite=true",
                           f"efficientdm.weight_bits={w}", f"efficientdm.act_bits={a}",
                           *BIT_OVERRIDES.get(name, []), *args.overrides])
         seconds[name] = round(time.time() - start, 1)

@@ -14,7 +14,7 @@ teacher=${TEACHER:-/tmp/ldm4-random-$layout}
 out=${RUN_DIR:-/tmp/ldm4-smoke-${config%.yaml}}
 [ -d "$teacher/unet" ] || python3 bench/make_random_ldm4.py --output "$teacher" --layout "$layout"
 start=$(date +%s)
-${LAUNCH:-python3} train.py config="$config" teacher.path="$teacher" output_dir="$out" \
+${LAUNCH:-python3} train.py config="$config" teacher.path="$teacher" output_dir="$out" overwrite=true \
   trainer.max_steps=60 trainer.enable_progress_bar=false trainer.log_every_n_steps=5 \
   calibration.num_trajectories=4 calibration.num_steps=20 calibration.max_batches=8 \
   eval.num_trajectories=2 eval.num_steps=20 eval.sampling_steps=20 monitor.sample_steps=20 \

@@ -44,7 +44,7 @@ for strategy in ${STRATEGIES:-ddp}; do
       dirs=(); pids=()
       for ((i = 0; i < n; i++)); do
         dirs+=("$out/$i")
-        CUDA_VISIBLE_DEVICES=$i timeout "${RUN_TIMEOUT:-1800}" python3 train.py "${train_args[@]}" output_dir="$out/$i" \
+        CUDA_VISIBLE_DEVICES=$i timeout "${RUN_TIMEOUT:-1800}" python3 train.py "${train_args[@]}" output_dir="$out/$i" overwrite=true \
           ${EXTRA:-} > "$log.$i" 2>&1 &
         pids+=($!)
       done
@@ -54,7 +54,7 @@ for strategy in ${STRATEGIES:-ddp}; do
     else
       launcher=(timeout "${RUN_TIMEOUT:-1800}" python3)
       [ "$n" -gt 1 ] && launcher=(timeout "${RUN_TIMEOUT:-1800}" torchrun --nproc_per_node="$n" --master_port=$((29600 + n)))
-      "${launcher[@]}" train.py "${train_args[@]}" output_dir="$out" trainer.strategy="$strategy" ${EXTRA:-} \
+      "${launcher[@]}" train.py "${train_args[@]}" output_dir="$out" overwrite=true trainer.strategy="$strategy" ${EXTRA:-} \
         > "$log" 2>&1 \
         || { echo "$strategy $n FAILED (log: $log)"; tail -20 "$log"
              [ "$n" -eq 1 ] && continue 2  # the strategy fails on one process: skip its larger runs

@@ -16,7 +16,7 @@ out=${RUN_DIR:-/tmp/video-smoke-${config%.yaml}}
 [ -d "$teacher/transformer" ] || python3 bench/make_random_video.py --family "$family" --out "$teacher"
 start=$(date +%s)
 python3 train.py config="$config" teacher.path="$teacher" teacher.conditioning=prompt_embeds \
-  teacher.prompt_embeds_path="$teacher/prompt_embeds.safetensors" output_dir="$out" \
+  teacher.prompt_embeds_path="$teacher/prompt_embeds.safetensors" output_dir="$out" overwrite=true \
   trainer.max_steps="${STEPS:-12}" optim.warmup_steps=0 performance.gradient_checkpointing=true \
   trainer.enable_progress_bar=false trainer.log_every_n_steps=1 \
   calibration.num_trajectories=1 calibration.num_steps=10 calibration.max_batches=4 \

@@ -17,6 +17,7 @@ import os
 import sys
 import time
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from train.launch import apply_launcher, trainer_kwargs
 from train.models.families import CUDA_GRAPHS_ATTR, compile_repeated_blocks
 from train.models.pipeline import guided_eps
 from train.models.teacher import Teacher, load_teacher
+from train.rundir import check_run_dir, clear_run_outputs, record_resume
 from train.system import DistillQATSystem
 
 __all__ = ["main", "build_student", "calibrate_student", "restore_student", "save_student"]
@@ -120,23 +122,42 @@ def apply_performance(cfg: RunConfig, student: torch.nn.Module, teacher: Teacher
 
 
 def _resume_path(cfg: RunConfig, out: Path) -> str | None:
+    """The checkpoint to resume from (None: a fresh start), checked to be a complete archive."""
     if cfg.resume is None:
         return None
-    if cfg.resume == "auto":
-        last = out / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
-    if cfg.resume == "last":
-        last = out / "checkpoints" / "last.ckpt"
-        if not last.is_file():
-            raise ConfigError(f"resume: 'last' but {last} does not exist; start without resume= or point resume= "
-                              "at a checkpoint file")
-        return str(last)
-    return cfg.resume
+    last = out / "checkpoints" / "last.ckpt"
+    if cfg.resume == "auto" and not last.is_file():
+        return None
+    if cfg.resume == "last" and not last.is_file():
+        raise ConfigError(f"resume: 'last' but {last} does not exist; start without resume= or point resume= "
+                          "at a checkpoint file")
+    path = str(last) if cfg.resume in ("auto", "last") else cfg.resume
+    if problem := checkpoint_problem(path):
+        raise ConfigError(f"resume: {problem}; point resume= at another checkpoint, or start again with "
+                          "overwrite=true")
+    return path
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a loadable checkpoint archive (truncated, corrupt), or None. Cheap: it reads the zip
+    archive's directory at the end of the file, not the tensors."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        return f"checkpoint {path} is truncated or corrupt ({type(err).__name__}: {err})"
+    if not any(n.endswith("/data.pkl") for n in names):
+        return f"checkpoint {path} is a zip archive but not a torch checkpoint"
+    return None
 
 
 def restore_student(student: torch.nn.Module, ckpt: str) -> None:
     """Loads the student's weights and quantizer state from a Lightning checkpoint (tensors only, no pickle)."""
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    except (RuntimeError, EOFError, KeyError, OSError) as err:  # a damaged member the archive's directory missed
+        raise ValueError(f"checkpoint {ckpt} is corrupt or truncated and cannot be loaded ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
     sub = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
     hint = "was it written with another method, rank or bit-width config?"
     try:
@@ -239,14 +260,22 @@ def main(argv: list[str] | None = None, callbacks: list[L.Callback] | None = Non
     notes = apply_launcher(cfg)  # the launcher's process layout, precision and DeepSpeed stage win
     rank, local_rank, world = _dist_env()
     out = resolve_out(cfg)
+    ckpt = _resume_path(cfg, out)
+    # Rank 0 alone decides: the other processes start beside it and could already see its config.yaml.
+    changes = check_run_dir(cfg, out) if rank == 0 else []  # before anything is written
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         for note in notes:
             print(f"launcher: {note}")
+        if cfg.overwrite and (removed := clear_run_outputs(out)):
+            print(f"overwrite: removed the previous run's {', '.join(removed)} from {out}")
+        if cfg.resume is not None and (out / "config.yaml").is_file():
+            record_resume(out, ckpt, changes)
+            for change in changes:
+                print(f"resume: {change}")
         (out / "config.yaml").write_text(to_yaml(cfg))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     device = _device(cfg, local_rank)
-    ckpt = _resume_path(cfg, out)
     phases = _Phases(rank)
 
     teacher = load_teacher(cfg.teacher, device)  # 2.

@@ -336,7 +336,10 @@ class RunConfig:
     and module kinds they register can be named here (a method defined outside ``qat/methods``).
     ``export``: write the packed low-bit model (:mod:`train.export_run`) to ``<output_dir>/export`` at the end.
     ``resume``: ``last`` (``<output_dir>/checkpoints/last.ckpt``, which must exist), ``auto`` (``last`` if it exists,
-    else a fresh start: the setting for requeued cluster jobs) or a checkpoint path.
+    else a fresh start: the setting for requeued cluster jobs) or a checkpoint path; the config must match the run's
+    saved one except in the keys :data:`train.rundir.MAY_CHANGE`.
+    ``overwrite``: start afresh in an ``output_dir`` that holds a run, removing its outputs first (without it such a
+    start stops before writing anything).
     """
 
     method: str = DEFAULT_METHOD
@@ -344,6 +347,7 @@ class RunConfig:
     output_dir: str = "runs/default"
     export: bool = True
     resume: str | None = None
+    overwrite: bool = False
     seed: int = 0
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     trajectories: TrajectoryConfig = field(default_factory=TrajectoryConfig)
@@ -439,9 +443,22 @@ def validate(cfg: RunConfig) -> list[str]:
             build_loss(loss)
         except ConfigProblems as err:
             errors += [f"losses.{loss.name}.{key}: {msg}" for key, msg in err.problems]
+    errors += _hardware_problems(cfg.trainer)
+    if cfg.overwrite and cfg.resume is not None:
+        errors.append(f"overwrite: true removes the run that resume={cfg.resume!r} would continue; use one of them")
     if cfg.resume not in (None, "last", "auto") and not Path(cfg.resume).is_file():
         errors.append(f"resume: {cfg.resume!r} is neither 'last', 'auto' nor an existing checkpoint file")
     return errors
+
+
+def _hardware_problems(t: TrainerConfig) -> list[str]:
+    """An accelerator that this machine does not have (found at load, not after calibration)."""
+    import torch
+
+    if t.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        return [f"trainer.accelerator: {t.accelerator!r} but this machine has no CUDA device that torch can use "
+                f"(torch {torch.__version__}); use trainer.accelerator=auto or cpu"]
+    return []
 
 
 def _teacher_problems(t: TeacherConfig) -> list[str]:
