@@ -40,7 +40,7 @@ from train.eval.report import sanitize, write_run_report
 from train.launch import apply_launcher, trainer_kwargs
 from train.models.families import CUDA_GRAPHS_ATTR, compile_repeated_blocks
 from train.models.pipeline import guided_eps
-from train.models.teacher import Teacher, load_teacher
+from train.models.teacher import Teacher, check_teacher_files, load_teacher
 from train.rundir import check_run_dir, clear_run_outputs, record_resume
 from train.system import DistillQATSystem
 
@@ -263,6 +263,7 @@ def main(argv: list[str] | None = None, callbacks: list[L.Callback] | None = Non
     ckpt = _resume_path(cfg, out)
     # Rank 0 alone decides: the other processes start beside it and could already see its config.yaml.
     changes = check_run_dir(cfg, out) if rank == 0 else []  # before anything is written
+    check_teacher_files(cfg.teacher)
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         for note in notes:

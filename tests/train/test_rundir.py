@@ -147,3 +147,27 @@ def test_a_truncated_checkpoint_is_named_and_nothing_changes(finished_run: tuple
         with pytest.raises(ConfigError, match=rf"resume: checkpoint {last} is truncated or corrupt"):
             main(["config=efficientdm_digits.yaml", *_with_out(args, run), f"resume={mode}"])
     assert _snapshot(run) == before
+
+
+def test_a_truncated_teacher_file_is_named_before_anything_is_written(tiny_teacher: Path, tmp_path: Path) -> None:
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher, teacher)
+    weights = teacher / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=rf"teacher weights \(teacher\.path\): {weights} is truncated"):
+        main(["config=efficientdm_digits.yaml", *fast_overrides(teacher, out, 1)])
+    assert not out.exists()
+
+
+def test_a_corrupt_trajectory_shard_is_named(tiny_teacher: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    common = ["config=efficientdm_digits.yaml", "trajectories.mode=cached", f"trajectories.cache_dir={cache}",
+              "export=false"]
+    main([*common, *fast_overrides(tiny_teacher, tmp_path / "a", 1)])
+    shard = sorted(cache.glob("shard-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-7])
+    with pytest.raises(ValueError, match=rf"trajectory cache {cache}: {shard} is truncated or corrupt"):
+        main([*common, *fast_overrides(tiny_teacher, tmp_path / "b", 1)])

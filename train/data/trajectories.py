@@ -39,6 +39,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 import qat
+from qat.files import require_intact
 from qat.taps import FeatureTaps
 from train.models.pipeline import QATDiffusionPipeline, batch_timesteps, guided_eps
 from train.models.teacher import Teacher
@@ -330,7 +331,9 @@ class CachedTrajectories:
                  world_size: int = 1, previous: bool = False) -> None:
         manifest_path = Path(manifest_path)
         self.manifest = json.loads(manifest_path.read_text())
-        parts = [load_file(str(manifest_path.parent / name)) for name in self.manifest["shards"]]
+        shards = [manifest_path.parent / name for name in self.manifest["shards"]]
+        require_intact(shards, f"trajectory cache {manifest_path.parent}")
+        parts = [load_file(str(path)) for path in shards]
         self.data = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         self.size = self.data["x"].shape[0]
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size

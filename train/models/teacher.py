@@ -34,6 +34,7 @@ from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, SchedulerM
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from qat.files import require_intact
 from train.config import ConfigError, TeacherConfig, resolve_path
 from train.models.class_embedder import ClassEmbedder
 from train.models.families import (
@@ -46,7 +47,7 @@ from train.models.families import (
     set_family,
 )
 
-__all__ = ["Teacher", "load_teacher", "denoise", "is_flow_scheduler"]
+__all__ = ["Teacher", "load_teacher", "check_teacher_files", "denoise", "is_flow_scheduler"]
 
 
 def is_flow_scheduler(scheduler: SchedulerMixin) -> bool:
@@ -189,15 +190,15 @@ def _resolve_family(cfg: TeacherConfig, model_cls: type, where: Path) -> Family:
     return fam
 
 
-def load_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu") -> Teacher:
-    """Loads the teacher described by ``cfg`` from local files only.
+def check_teacher_files(cfg: TeacherConfig) -> None:
+    """The teacher's directories, configs and weight files exist, and its safetensors files are complete (headers
+    read, not tensors): cheap, so the trainer runs it before it writes anything.
 
     Raises:
-        FileNotFoundError: a directory or weight file is missing; the message says what to put where.
-        ConfigError: the conditioning does not fit the denoiser's family, or the family is unknown.
+        FileNotFoundError: a directory or file is missing; the message says what to put where.
+        ValueError: a weight file is truncated or corrupt (named), before diffusers' loader turns it into an
+            unrelated error.
     """
-    import diffusers
-
     root = resolve_path(cfg.path)
     layout = (f"expected {root}/{cfg.unet_subfolder}/config.json + diffusion_pytorch_model.safetensors and "
               f"{root}/{cfg.scheduler_subfolder}/scheduler_config.json (diffusers save_pretrained layout)")
@@ -210,6 +211,24 @@ def load_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu") -> Teac
                                 f"there ({layout})")
     _require(root / cfg.scheduler_subfolder / "scheduler_config.json",
              "scheduler config (teacher.scheduler_subfolder)", layout)
+    require_intact(sorted(unet_dir.glob("*.safetensors")), "teacher weights (teacher.path)")
+    if cfg.conditioning == "class":
+        emb_dir = root / cfg.class_embedder_subfolder
+        require_intact(sorted(emb_dir.glob("*.safetensors")), "class embedder (teacher.class_embedder_subfolder)")
+
+
+def load_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu") -> Teacher:
+    """Loads the teacher described by ``cfg`` from local files only.
+
+    Raises:
+        FileNotFoundError: a directory or weight file is missing; the message says what to put where.
+        ConfigError: the conditioning does not fit the denoiser's family, or the family is unknown.
+    """
+    import diffusers
+
+    check_teacher_files(cfg)
+    root = resolve_path(cfg.path)
+    unet_dir = root / cfg.unet_subfolder
     class_name = json.loads((unet_dir / "config.json").read_text()).get("_class_name", "")
     model_cls = getattr(diffusers, class_name, None)
     if model_cls is None:
