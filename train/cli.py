@@ -133,9 +133,26 @@ def _resume_path(cfg: RunConfig, out: Path) -> str | None:
                           "at a checkpoint file")
     path = str(last) if cfg.resume in ("auto", "last") else cfg.resume
     if problem := checkpoint_problem(path):
+        if cfg.resume in ("auto", "last") and (older := _newest_intact(last.parent)) is not None:
+            print(f"resume: {problem}; resuming from {older}, the newest checkpoint that is intact", flush=True)
+            return str(older)
         raise ConfigError(f"resume: {problem}; point resume= at another checkpoint, or start again with "
                           "overwrite=true")
     return path
+
+
+def _newest_intact(directory: Path) -> Path | None:
+    """The step checkpoint (``step=N.ckpt``) with the highest ``N`` that passes :func:`checkpoint_problem`."""
+    def step(p: Path) -> int:
+        try:
+            return int(p.stem.split("=", 1)[1])
+        except (IndexError, ValueError):
+            return -1
+
+    for candidate in sorted(directory.glob("step=*.ckpt"), key=step, reverse=True):
+        if step(candidate) >= 0 and checkpoint_problem(candidate) is None:
+            return candidate
+    return None
 
 
 def checkpoint_problem(path: str | Path) -> str | None:
@@ -235,8 +252,10 @@ def _trainer(cfg: RunConfig, method: Method, out: Path,
     m = cfg.monitor
     preemption = Preemption(str(out / "checkpoints" / "last.ckpt"))
     callbacks = [
-        ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, every_n_train_steps=m.checkpoint_every_n_steps,
-                        save_top_k=1, enable_version_counter=False),
+        # the K newest step checkpoints beside last.ckpt (Lightning's "step" monitor: the newest ranks highest)
+        ModelCheckpoint(dirpath=out / "checkpoints", filename="{step}", save_last=True, monitor="step", mode="max",
+                        every_n_train_steps=m.checkpoint_every_n_steps, save_top_k=m.keep_checkpoints,
+                        enable_version_counter=False),
         SampleGrid(m.sample_every_n_steps, list(m.sample_labels), m.sample_steps, cfg.trajectories.guidance_scale),
         QuantizerTelemetry(m.telemetry_every_n_steps),
         preemption,

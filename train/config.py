@@ -268,6 +268,8 @@ class MonitorConfig:
         sample_steps: DDIM steps of the grids.
         telemetry_every_n_steps: quantizer statistics (steps, fraction clipped) (0: off).
         checkpoint_every_n_steps: checkpoint interval; ``last.ckpt`` is always kept.
+        keep_checkpoints: the newest step checkpoints (``step=N.ckpt``) kept beside ``last.ckpt``; a resume falls
+            back to them when ``last.ckpt`` is damaged.
         timestep_buckets: buckets of the per-timestep loss curves.
     """
 
@@ -276,6 +278,7 @@ class MonitorConfig:
     sample_steps: int = 50
     telemetry_every_n_steps: int = 100
     checkpoint_every_n_steps: int = 500
+    keep_checkpoints: int = 2
     timestep_buckets: int = 10
 
 
@@ -415,7 +418,10 @@ def validate(cfg: RunConfig) -> list[str]:
                        ("calibration.num_trajectories", cfg.calibration.num_trajectories),
                        ("calibration.max_batches", cfg.calibration.max_batches),
                        ("eval.num_trajectories", cfg.eval.num_trajectories),
-                       ("eval.sampling_steps", cfg.eval.sampling_steps), ("eval.batch_size", cfg.eval.batch_size)):
+                       ("eval.sampling_steps", cfg.eval.sampling_steps), ("eval.batch_size", cfg.eval.batch_size),
+                       ("monitor.checkpoint_every_n_steps", cfg.monitor.checkpoint_every_n_steps),
+                       ("monitor.keep_checkpoints", cfg.monitor.keep_checkpoints),
+                       ("monitor.timestep_buckets", cfg.monitor.timestep_buckets)):
         if value < 1:
             errors.append(f"{key}: must be >= 1, got {value}")
     if tr.guidance_scale != 1.0 and t.conditioning == "none":

@@ -136,12 +136,13 @@ def test_an_accelerator_the_machine_lacks_fails_at_load(monkeypatch: pytest.Monk
         load_config(["config=efficientdm_digits.yaml", "trainer.accelerator=gpu"])
 
 
-def test_a_truncated_checkpoint_is_named_and_nothing_changes(finished_run: tuple[Path, list[str]],
-                                                             tmp_path: Path) -> None:
+def test_without_an_intact_checkpoint_the_truncated_one_is_named_and_nothing_changes(
+        finished_run: tuple[Path, list[str]], tmp_path: Path) -> None:
     src, args = finished_run
     run = _copy(src, tmp_path)
     last = run / "checkpoints" / "last.ckpt"
-    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    for ckpt in run.glob("checkpoints/*.ckpt"):
+        ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
     before = _snapshot(run)
     for mode in ("last", "auto"):
         with pytest.raises(ConfigError, match=rf"resume: checkpoint {last} is truncated or corrupt"):
@@ -171,3 +172,21 @@ def test_a_corrupt_trajectory_shard_is_named(tiny_teacher: Path, tmp_path: Path)
     shard.write_bytes(shard.read_bytes()[:-7])
     with pytest.raises(ValueError, match=rf"trajectory cache {cache}: {shard} is truncated or corrupt"):
         main([*common, *fast_overrides(tiny_teacher, tmp_path / "b", 1)])
+
+
+def test_a_truncated_last_checkpoint_falls_back_to_the_newest_intact_one(finished_run: tuple[Path, list[str]],
+                                                                         tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    src, args = finished_run
+    run = _copy(src, tmp_path)
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step=1.ckpt", "step=2.ckpt"]  # keep 2
+    (ckpts / "last.ckpt").write_bytes((ckpts / "last.ckpt").read_bytes()[:1000])
+    (ckpts / "step=2.ckpt").write_bytes(b"")  # the newest step checkpoint is damaged too
+    main(["config=efficientdm_digits.yaml", *_with_out(args, run), "resume=auto", "trainer.max_steps=3"])
+    said = capsys.readouterr().out
+    assert "last.ckpt is truncated or corrupt" in said and "resuming from" in said and "step=1.ckpt" in said
+    assert "resume from " + str(ckpts / "step=1.ckpt") in (run / "resumes.log").read_text()
+    import torch
+
+    assert torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 3
