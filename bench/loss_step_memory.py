@@ -48,6 +48,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     x, x_prev = (torch.randn(b, 3, size, size, generator=gen).to(device) for _ in range(2))
     t = torch.randint(1, 980, (b,), generator=gen).to(device)
+
     def call(model: torch.nn.Module, batch: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         with qat.timestep(model, steps):
             return model(batch, steps).sample

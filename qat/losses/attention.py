@@ -124,14 +124,15 @@ class AttentionKL(FeatureTerm):
 
     def _attention_names(self, inputs: LossInputs) -> list[str]:
         """The tapped attention modules whose query and key projections both ran in this step."""
-        suffix = f".{self.config.query}"
+        c = self.config
+        suffix = f".{c.query}"
         out = sorted(n[:-len(suffix)] for n in inputs.teacher_features
-                     if n.endswith(suffix) and any(match(n[:-len(suffix)], p) for p in self.config.taps))
-        missing = [f"{m}.{c}" for m in out for c in (self.config.query, self.config.key)
-                   if f"{m}.{c}" not in inputs.student_features or f"{m}.{c}" not in inputs.teacher_features]
+                     if n.endswith(suffix) and any(match(n[:-len(suffix)], p) for p in c.taps))
+        needed = [f"{m}.{name}" for m in out for name in (c.query, c.key)]
+        missing = [n for n in needed if n not in inputs.student_features or n not in inputs.teacher_features]
         if not out or missing:
-            raise ValueError(f"{self.name}: taps {self.config.taps} gave no attention module whose "
-                             f"{self.config.query!r} and {self.config.key!r} outputs both models produced (missing: "
+            raise ValueError(f"{self.name}: taps {c.taps} gave no attention module whose "
+                             f"{c.query!r} and {c.key!r} outputs both models produced (missing: "
                              f"{missing[:3]}); are they attention modules with these projections?")
         return out
 
