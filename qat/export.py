@@ -44,8 +44,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from qat.export_card import model_card_text
 from qat.export_format import (
@@ -61,6 +62,7 @@ from qat.export_format import (
     resolve_export_dir,
     scheme_of,
 )
+from qat.files import save_tensors
 from qat.nn.exportable import EXPORTABLE, ExportTensorError
 from qat.prepare import LAYER_MAPPING, convert
 from qat.quantizers.base import Quantizer
@@ -109,22 +111,6 @@ def _model_config(model: nn.Module, base_model_config: dict | None) -> dict[str,
         cfg["_class_name"] = type(model).__name__
     cfg.pop("quantization_config", None)  # a stale entry (another scheme) must not survive
     return {k: _json_safe(v, k) for k, v in cfg.items()}
-
-
-def _save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
-    """safetensors save (CPU, contiguous, no shared storage), written to a temporary name first."""
-    seen: set[int] = set()
-    clean = {}
-    for key in sorted(tensors):
-        t = tensors[key].detach().to("cpu").contiguous()
-        if t.numel() and t.data_ptr() in seen:
-            t = t.clone()  # safetensors refuses tensors that share memory (tied weights)
-        seen.add(t.data_ptr())
-        clean[key] = t
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(clean, str(tmp), metadata={"format": "pt", "quant_method": QUANT_METHOD,
-                                         "format_version": str(FORMAT_VERSION)})
-    os.replace(tmp, path)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -200,7 +186,8 @@ def _check_stored_weight(name: str, module: nn.Module) -> None:
 
 @torch.no_grad()
 def export_quantized(model: nn.Module, out_dir: str | os.PathLike, *, base_model_config: dict | None = None,
-                     model_card: dict | None = None, convert_fn: Callable[[nn.Module], Any] = convert) -> Path:
+                     model_card: dict | None = None, convert_fn: Callable[[nn.Module], Any] = convert,
+                     progress: bool = False) -> Path:
     """Writes ``model`` (a prepared student, QALoRA or already converted) as a low-bit model directory.
 
     The caller's model is not modified: a deep copy is converted (QALoRA merged in the integer domain,
@@ -216,6 +203,7 @@ def export_quantized(model: nn.Module, out_dir: str | os.PathLike, *, base_model
         model_card: optional model-card fields (:func:`qat.export_card.model_card_text`).
         convert_fn: finalises the working copy in place before it is written (a method's
             :meth:`~qat.methods.Method.convert`); default :func:`qat.convert`, which merges QALoRA.
+        progress: a progress bar over the layers packed.
 
     Returns:
         the export directory.
@@ -234,7 +222,7 @@ def export_quantized(model: nn.Module, out_dir: str | os.PathLike, *, base_model
     state = {k: v.detach() for k, v in work.state_dict().items()}
     tensors: dict[str, Tensor] = {}
     entries: dict[str, dict[str, Any]] = {}
-    for name, module in modules.items():
+    for name, module in tqdm(modules.items(), desc="export", unit="layer", disable=not progress):
         _check_stored_weight(name, module)
         try:
             own, replaced = module.export_tensors()
@@ -270,7 +258,8 @@ def export_quantized(model: nn.Module, out_dir: str | os.PathLike, *, base_model
     config["quantization_config"] = qconfig
 
     out.mkdir(parents=True, exist_ok=True)
-    _save_tensors(tensors, out / WEIGHTS_NAME)
+    save_tensors(tensors, out / WEIGHTS_NAME, metadata={"format": "pt", "quant_method": QUANT_METHOD,
+                                                        "format_version": str(FORMAT_VERSION)})
     _atomic_write(out / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
     _atomic_write(out / CARD_NAME, model_card_text(out, model_card))
     return out

@@ -8,10 +8,14 @@ reads the header only, not the tensors.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-__all__ = ["safetensors_problem", "require_intact"]
+import torch
+from safetensors.torch import save_file
+
+__all__ = ["safetensors_problem", "require_intact", "save_tensors"]
 
 
 def safetensors_problem(path: str | Path) -> str | None:
@@ -46,3 +50,21 @@ def require_intact(paths: Iterable[str | Path], what: str) -> None:
     for path in paths:
         if str(path).endswith(".safetensors") and (problem := safetensors_problem(path)):
             raise ValueError(f"{what}: {problem}; restore or re-create the file")
+
+
+def save_tensors(tensors: Mapping[str, torch.Tensor], path: str | Path,
+                 metadata: dict[str, str] | None = None) -> None:
+    """Writes ``tensors`` as safetensors (on the CPU, contiguous, no shared storage) to a temporary name first and
+    renames it: a process killed while writing leaves the previous file or none, never a truncated one."""
+    path = Path(path)
+    seen: set[int] = set()
+    clean = {}
+    for key in sorted(tensors):
+        t = tensors[key].detach().to("cpu").contiguous()
+        if t.numel() and t.data_ptr() in seen:
+            t = t.clone()  # safetensors refuses tensors that share memory (tied weights)
+        seen.add(t.data_ptr())
+        clean[key] = t
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(clean, str(tmp), metadata=metadata)
+    os.replace(tmp, path)

@@ -1,4 +1,5 @@
-"""Optional work around the loop: sample grids and quantizer telemetry in TensorBoard, preemption handling."""
+"""Optional work around the loop: sample grids and quantizer telemetry in TensorBoard, preemption handling, the
+progress bar in steps."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from torch import Tensor
 
 import qat
@@ -13,7 +15,7 @@ from qat.quantizers import AffineQuantizer
 from train.data.trajectories import trajectory_start
 from train.models.pipeline import QATDiffusionPipeline
 
-__all__ = ["SampleGrid", "QuantizerTelemetry", "Preemption", "make_grid"]
+__all__ = ["SampleGrid", "QuantizerTelemetry", "Preemption", "StepProgress", "make_grid"]
 
 
 def make_grid(rows: list[Tensor]) -> Tensor:
@@ -220,3 +222,34 @@ class Preemption(L.Callback):
         if self._group is not None:
             torch.distributed.destroy_process_group(self._group)
             self._group = None
+
+
+class StepProgress(TQDMProgressBar):
+    """Lightning's progress bar counted in optimizer steps of the whole run: ``train: 20/25`` after a resume at
+    step 20 of 25, where the epoch-based bar reads ``Epoch 0`` over a batch count of the current loader (a run is
+    one pass over a loader that only counts steps, restarted at each resume)."""
+
+    def on_train_start(self, trainer: L.Trainer, *_: Any) -> None:
+        super().on_train_start()
+        self.on_train_epoch_start(trainer)  # a resume restores the position within the epoch: no epoch start
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        bar = self.train_progress_bar
+        bar.set_description("train", refresh=False)
+        bar.reset(total=trainer.max_steps)
+        bar.initial = trainer.global_step  # the rate shown counts this process's steps only
+        bar.n = trainer.global_step
+        bar.refresh()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if self._should_update(step, trainer.max_steps) and not self.train_progress_bar.disable:
+            self.train_progress_bar.n = step
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+            self.train_progress_bar.refresh()
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int | str | float | dict]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the logger's version: always empty here (one run per directory)
+        return metrics

@@ -17,7 +17,6 @@ import os
 import sys
 import time
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +25,30 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 import qat
+from qat.files import safetensors_problem, save_tensors
 from qat.losses import build_loss
 from qat.methods import Calibration, Method
-from train.callbacks import Preemption, QuantizerTelemetry, SampleGrid
+from train.callbacks import Preemption, QuantizerTelemetry, SampleGrid, StepProgress
+from train.checkpoints import (
+    AtomicCheckpointIO,
+    checkpoint_problem,
+    copy_atomic,
+    newest_intact,
+    remove_partial_files,
+)
 from train.config import CUDA_GRAPH_MODES, ConfigError, RunConfig, build_method, load_config, to_yaml
-from train.data.trajectories import CachedTrajectories, OnlineTrajectories, generate_cache, trajectory_steps
+from train.data.trajectories import (
+    CachedTrajectories,
+    OnlineTrajectories,
+    check_cache,
+    generate_cache,
+    trajectory_steps,
+)
 from train.eval.evaluate import Evaluator, SampleSet
 from train.eval.report import sanitize, write_run_report
 from train.launch import apply_launcher, trainer_kwargs
@@ -71,17 +85,21 @@ def build_student(cfg: RunConfig, teacher: Teacher, method: Method | None = None
 
 
 def calibrate_student(cfg: RunConfig, student: torch.nn.Module, teacher: Teacher, device: torch.device,
-                      method: Method | None = None) -> None:
+                      method: Method | None = None, progress: bool = False) -> None:
     """The method's initialisation (:meth:`qat.methods.Method.initialize`) on the teacher's calibration
-    trajectories (seeds disjoint from training)."""
+    trajectories (seeds disjoint from training). ``progress``: bars over the trajectories' steps and over the
+    model calls of the initialisation (their number depends on the method: one pass or several)."""
     c, tr = cfg.calibration, cfg.trajectories
     data = trajectory_steps(teacher, list(range(c.num_trajectories)), c.num_steps, tr.eta, tr.guidance_scale,
-                            c.seed, device)
+                            c.seed, device, progress="calibration trajectories" if progress else None)
     n = c.num_trajectories
     steps = torch.linspace(0, c.num_steps - 1, min(c.max_batches, c.num_steps)).round().long().unique()
     batches = [slice(int(s) * n, (int(s) + 1) * n) for s in steps]  # step-major layout
 
+    bar = tqdm(desc="calibration", unit="call", disable=not progress)
+
     def forward(model: torch.nn.Module, sl: slice) -> None:
+        bar.update(1)
         x, t = data["x"][sl].to(device), data["t"][sl].to(device)
         cond, uncond = teacher.contexts(data["labels"][sl].to(device))
         qat.reset_sampling_state(model)  # every batch is a set of independent samples
@@ -89,6 +107,7 @@ def calibrate_student(cfg: RunConfig, student: torch.nn.Module, teacher: Teacher
 
     method = build_method(cfg) if method is None else method
     method.initialize(student, Calibration(batches, forward, per_timestep=c.per_timestep))
+    bar.close()
 
 
 def apply_performance(cfg: RunConfig, student: torch.nn.Module, teacher: Teacher) -> None:
@@ -121,51 +140,72 @@ def apply_performance(cfg: RunConfig, student: torch.nn.Module, teacher: Teacher
         teacher.unet.compile(backend=p.compile_backend)
 
 
-def _resume_path(cfg: RunConfig, out: Path) -> str | None:
-    """The checkpoint to resume from (None: a fresh start), checked to be a complete archive."""
+def _resume_path(cfg: RunConfig, out: Path) -> tuple[str | None, str]:
+    """The checkpoint to resume from, checked to be a complete archive, and where its state came from (for
+    ``resumes.log``). None: none yet (``resume=auto``, or ``resume=last`` of a run stopped before its first
+    checkpoint, which then restores the saved calibration if there is one) or no resume.
+
+    When ``last.ckpt`` is missing or damaged, the newest intact step checkpoint is copied over it and the run
+    resumes from ``last.ckpt``: Lightning never deletes the checkpoint a run resumed from, so resuming from the
+    step checkpoint itself would keep one more than ``monitor.keep_checkpoints``.
+    """
     if cfg.resume is None:
-        return None
+        return None, ""
     last = out / "checkpoints" / "last.ckpt"
-    if cfg.resume == "auto" and not last.is_file():
-        return None
-    if cfg.resume == "last" and not last.is_file():
-        raise ConfigError(f"resume: 'last' but {last} does not exist; start without resume= or point resume= "
-                          "at a checkpoint file")
-    path = str(last) if cfg.resume in ("auto", "last") else cfg.resume
-    if problem := checkpoint_problem(path):
-        if cfg.resume in ("auto", "last") and (older := _newest_intact(last.parent)) is not None:
-            print(f"resume: {problem}; resuming from {older}, the newest checkpoint that is intact", flush=True)
-            return str(older)
+    if cfg.resume not in ("auto", "last"):
+        if problem := checkpoint_problem(cfg.resume):
+            raise ConfigError(f"resume: {problem}; point resume= at another checkpoint, or start again with "
+                              "overwrite=true")
+        return cfg.resume, cfg.resume
+    problem = checkpoint_problem(last) if last.is_file() else f"{last} does not exist"
+    if problem is None:
+        return str(last), str(last)
+    if (older := newest_intact(last.parent)) is not None:
+        copy_atomic(older, last)
+        print(f"resume: {problem}; resuming from {older}, the newest intact checkpoint (copied to {last.name})",
+              flush=True)
+        return str(last), str(older)
+    if last.is_file():
         raise ConfigError(f"resume: {problem}; point resume= at another checkpoint, or start again with "
                           "overwrite=true")
-    return path
+    if cfg.resume == "last" and not (out / "config.yaml").is_file():
+        raise ConfigError(f"resume: 'last' but {out} holds no run (no config.yaml, no checkpoint); start without "
+                          "resume= or point resume= at a checkpoint file")
+    saved = calibration_file(out)
+    return None, (f"the saved calibration {saved} (no checkpoint yet)" if saved.is_file()
+                  else "the beginning (no checkpoint or saved calibration yet)")
 
 
-def _newest_intact(directory: Path) -> Path | None:
-    """The step checkpoint (``step=N.ckpt``) with the highest ``N`` that passes :func:`checkpoint_problem`."""
-    def step(p: Path) -> int:
-        try:
-            return int(p.stem.split("=", 1)[1])
-        except (IndexError, ValueError):
-            return -1
-
-    for candidate in sorted(directory.glob("step=*.ckpt"), key=step, reverse=True):
-        if step(candidate) >= 0 and checkpoint_problem(candidate) is None:
-            return candidate
-    return None
+def calibration_file(out: Path) -> Path:
+    """Where a run keeps its calibrated student until its first training checkpoint makes it redundant."""
+    return out / "calibration" / "student.safetensors"
 
 
-def checkpoint_problem(path: str | Path) -> str | None:
-    """Why ``path`` is not a loadable checkpoint archive (truncated, corrupt), or None. Cheap: it reads the zip
-    archive's directory at the end of the file, not the tensors."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except (zipfile.BadZipFile, OSError, EOFError) as err:
-        return f"checkpoint {path} is truncated or corrupt ({type(err).__name__}: {err})"
-    if not any(n.endswith("/data.pkl") for n in names):
-        return f"checkpoint {path} is a zip archive but not a torch checkpoint"
-    return None
+def _initialise(cfg: RunConfig, student: torch.nn.Module, teacher: Teacher, device: torch.device, method: Method,
+                out: Path, ckpt: str | None, rank: int) -> bool:
+    """Step 4: the student's state from the resumed checkpoint, else from the run's saved calibration (a resume of
+    a run stopped before its first checkpoint), else from the method's calibration, which is then saved (rank 0);
+    returns whether the student was calibrated before (its PTQ evaluation may be reused)."""
+    if ckpt is not None:  # a resumed run restores the student's state; it never re-initialises
+        restore_student(student, ckpt)
+        return True
+    saved = calibration_file(out)
+    if cfg.resume is not None and saved.is_file():
+        if (problem := safetensors_problem(saved)) is None:
+            student.load_state_dict(load_file(str(saved)), strict=True)
+            if rank == 0:
+                print(f"resume: no training checkpoint yet; restored the calibrated student from {saved}", flush=True)
+            return True
+        if rank == 0:
+            print(f"resume: {problem}; calibrating again", flush=True)
+    elif cfg.resume is not None and rank == 0:
+        print(f"resume: no training checkpoint or saved calibration in {out} yet; starting from the beginning",
+              flush=True)
+    calibrate_student(cfg, student, teacher, device, method, progress=cfg.trainer.enable_progress_bar and rank == 0)
+    if rank == 0:
+        saved.parent.mkdir(exist_ok=True)
+        save_tensors(student.state_dict(), saved, metadata={"method": cfg.method})
+    return False
 
 
 def restore_student(student: torch.nn.Module, ckpt: str) -> None:
@@ -188,8 +228,7 @@ def restore_student(student: torch.nn.Module, ckpt: str) -> None:
 
 
 def _save_samples(path: Path, samples: SampleSet) -> None:
-    save_file({"images": samples.images.contiguous(), "labels": samples.labels, "indices": samples.indices},
-              str(path))
+    save_tensors({"images": samples.images, "labels": samples.labels, "indices": samples.indices}, path)
 
 
 def _load_samples(path: Path) -> SampleSet:
@@ -216,6 +255,13 @@ def _quiet_known_warnings() -> None:
     # step loader only counts steps (batches come from the trajectory source), so workers would not help.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers which may be a bottleneck.*")
+    # A resume continues the run in its own directory (train.rundir checks it first), and the trajectory source's
+    # position is part of the checkpoint (DistillQATSystem.on_save_checkpoint), so the step loader, which only
+    # counts steps, need not resume.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
+    # Raised inside Lightning's own pytree helper by newer torch releases; nothing DiffQAT calls.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
 
 
 class _Phases:
@@ -231,6 +277,18 @@ class _Phases:
         self.last = now
 
 
+def _cache_dir(cfg: RunConfig, out: Path) -> Path:
+    return Path(cfg.trajectories.cache_dir) if cfg.trajectories.cache_dir else out / "trajectories"
+
+
+def _check_cache(cfg: RunConfig, out: Path) -> None:
+    """A reused trajectory cache made with other settings, or with a damaged shard, fails before calibration."""
+    tr = cfg.trajectories
+    if tr.mode == "cached":
+        check_cache(_cache_dir(cfg, out), cfg.teacher.path, tr.num_steps, tr.eta, tr.guidance_scale, tr.seed,
+                    tr.num_trajectories, tr.shard_size)
+
+
 def _data_source(cfg: RunConfig, teacher: Teacher, previous: bool, out: Path, device: torch.device, rank: int,
                  world: int) -> OnlineTrajectories | CachedTrajectories:
     """The online walker or the cache (generated here if needed) of the teacher's trajectories; ``previous``: cached
@@ -239,9 +297,8 @@ def _data_source(cfg: RunConfig, teacher: Teacher, previous: bool, out: Path, de
     if tr.mode == "online":
         return OnlineTrajectories(teacher, tr.num_steps, tr.eta, tr.guidance_scale, tr.batch_size, tr.seed, rank,
                                   world)
-    cache_dir = Path(tr.cache_dir) if tr.cache_dir else out / "trajectories"
-    manifest = generate_cache(teacher, cfg.teacher.path, cache_dir, tr.num_steps, tr.eta, tr.guidance_scale, tr.seed,
-                              tr.num_trajectories, tr.shard_size, device, rank, world,
+    manifest = generate_cache(teacher, cfg.teacher.path, _cache_dir(cfg, out), tr.num_steps, tr.eta,
+                              tr.guidance_scale, tr.seed, tr.num_trajectories, tr.shard_size, device, rank, world,
                               progress=cfg.trainer.enable_progress_bar)
     return CachedTrajectories(manifest, tr.batch_size, tr.seed, rank, world, previous=previous)
 
@@ -259,15 +316,18 @@ def _trainer(cfg: RunConfig, method: Method, out: Path,
         SampleGrid(m.sample_every_n_steps, list(m.sample_labels), m.sample_steps, cfg.trajectories.guidance_scale),
         QuantizerTelemetry(m.telemetry_every_n_steps),
         preemption,
+        *([StepProgress()] if cfg.trainer.enable_progress_bar else []),
         *(extra or []),
     ]
     logger = TensorBoardLogger(str(out), name="tensorboard", version="")
     # Preemption replaces Lightning's SLURM auto-requeue (see train.callbacks.Preemption).
     slurm_managed = SLURMEnvironment.detect() and not TorchElasticEnvironment.detect()  # torchrun inside SLURM
-    plugins = [SLURMEnvironment(auto_requeue=False)] if slurm_managed else None
+    plugins: list[Any] = [SLURMEnvironment(auto_requeue=False)] if slurm_managed else []
+    if not str(cfg.trainer.strategy).startswith("deepspeed"):  # DeepSpeed writes its own checkpoint directories
+        plugins.append(AtomicCheckpointIO())
     trainer = L.Trainer(**trainer_kwargs(cfg, method.find_unused_parameters), default_root_dir=str(out), logger=logger,
                         callbacks=callbacks,
-                        num_sanity_val_steps=0, plugins=plugins)
+                        num_sanity_val_steps=0, plugins=plugins or None)
     return trainer, preemption
 
 
@@ -279,18 +339,21 @@ def main(argv: list[str] | None = None, callbacks: list[L.Callback] | None = Non
     notes = apply_launcher(cfg)  # the launcher's process layout, precision and DeepSpeed stage win
     rank, local_rank, world = _dist_env()
     out = resolve_out(cfg)
-    ckpt = _resume_path(cfg, out)
+    ckpt, source = _resume_path(cfg, out)
     # Rank 0 alone decides: the other processes start beside it and could already see its config.yaml.
     changes = check_run_dir(cfg, out) if rank == 0 else []  # before anything is written
     check_teacher_files(cfg.teacher)
+    _check_cache(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         for note in notes:
             print(f"launcher: {note}")
         if cfg.overwrite and (removed := clear_run_outputs(out)):
             print(f"overwrite: removed the previous run's {', '.join(removed)} from {out}")
+        if cfg.resume is not None and (removed := remove_partial_files(out / "checkpoints")):
+            print(f"resume: removed checkpoints left half-written by the stopped run: {', '.join(removed)}")
         if cfg.resume is not None and (out / "config.yaml").is_file():
-            record_resume(out, ckpt, changes)
+            record_resume(out, source, changes)
             for change in changes:
                 print(f"resume: {change}")
         (out / "config.yaml").write_text(to_yaml(cfg))
@@ -306,18 +369,18 @@ def main(argv: list[str] | None = None, callbacks: list[L.Callback] | None = Non
     phases.done("student built")
     if rank == 0:
         (out / "prepare_report.txt").write_text(report + "\n")
-    if ckpt is not None:  # 4. a resumed run restores the student's state; it never re-initialises
-        restore_student(student, ckpt)
-    else:
-        calibrate_student(cfg, student, teacher, device, method)
-        phases.done("student initialised")
+    restored = _initialise(cfg, student, teacher, device, method, out, ckpt, rank)  # 4.
+    phases.done("student initialised")
+    # The same random state after step 4 whether the student was calibrated or restored.
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     tr = cfg.trajectories
     evaluator: Evaluator | None = None
     if cfg.eval.enabled and rank == 0:  # 5. FP references and the PTQ starting point
-        evaluator = Evaluator(cfg.eval, teacher, tr.eta, tr.guidance_scale, device, cache_dir=str(out / "eval_cache"))
+        evaluator = Evaluator(cfg.eval, teacher, tr.eta, tr.guidance_scale, device, cache_dir=str(out / "eval_cache"),
+                              progress=cfg.trainer.enable_progress_bar)
         fp_metrics, _ = evaluator.evaluate(None)
-        ptq, ptq_samples = _ptq_start(cfg, evaluator, student, out, resumed=ckpt is not None)
+        ptq, ptq_samples = _ptq_start(cfg, evaluator, student, out, resumed=restored)
         phases.done("FP and PTQ evaluated")
 
     # Before the cache is generated: a compiled teacher (performance.compile / compile_teacher) generates it faster.
@@ -380,8 +443,7 @@ def save_student(student: torch.nn.Module, teacher: Teacher, path: Path, cfg: Ru
     Reload: build the student from the same config (``build_student``) and ``load_state_dict`` the safetensors.
     """
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}
-    save_file(state, str(path / "student.safetensors"), metadata={"method": cfg.method})
+    save_tensors(student.state_dict(), path / "student.safetensors", metadata={"method": cfg.method})
     teacher.unet.save_config(str(path))
     (path / "run_config.yaml").write_text(to_yaml(cfg))
 

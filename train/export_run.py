@@ -103,7 +103,8 @@ def export_run(student: torch.nn.Module, teacher: Teacher, cfg: RunConfig, out: 
             "evaluation": evaluation_summary(run_dir) if run_dir is not None else None,
             "source run": str(run_dir) if run_dir is not None else None}
     # the method finalises export_quantized's own working copy: the caller's student stays as trained
-    unet_dir = export_quantized(student, out / "unet", model_card=card, convert_fn=method.convert)
+    unet_dir = export_quantized(student, out / "unet", model_card=card, convert_fn=method.convert,
+                                progress=cfg.trainer.enable_progress_bar)
     (unet_dir / CARD_NAME).unlink()  # the card lives at the model root, with subfolder-aware instructions
     root = resolve_path(cfg.teacher.path)
     shutil.copytree(root / cfg.teacher.scheduler_subfolder, out / "scheduler", dirs_exist_ok=True)

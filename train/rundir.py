@@ -25,10 +25,11 @@ from train.config import ConfigError, RunConfig, to_yaml
 __all__ = ["RUN_OUTPUTS", "MAY_CHANGE", "config_differences", "check_run_dir", "clear_run_outputs",
            "record_resume"]
 
-#: what a run writes into its directory (``trajectories/``: the default shard cache)
-RUN_OUTPUTS = ("config.yaml", "prepare_report.txt", "checkpoints", "tensorboard", "student", "export", "eval",
-               "samples", "trajectories", "report.json", "report.md", "eps_mse_by_step.png", "samples_fp_ptq_qat.png",
-               "resumes.log")
+#: what a run writes into its directory (``trajectories/``: the default shard cache; ``calibration/``: the calibrated
+#: student, restored by a resume before the first checkpoint)
+RUN_OUTPUTS = ("config.yaml", "prepare_report.txt", "calibration", "checkpoints", "tensorboard", "student", "export",
+               "eval", "samples", "trajectories", "report.json", "report.md", "eps_mse_by_step.png",
+               "samples_fp_ptq_qat.png", "resumes.log")
 #: keys (or sections, ending in ".") that a resumed run may change
 MAY_CHANGE = ("resume", "overwrite", "output_dir", "export", "eval.", "monitor.", "performance.", "trainer.max_steps",
               "trainer.log_every_n_steps", "trainer.enable_progress_bar", "trainer.accelerator", "trainer.devices",
@@ -55,7 +56,7 @@ def config_differences(saved_yaml: str, cfg: RunConfig) -> tuple[list[str], list
     saved = _flat(OmegaConf.to_container(OmegaConf.create(saved_yaml)))
     new = _flat(OmegaConf.to_container(OmegaConf.create(to_yaml(cfg))))
     refused, allowed = [], []
-    for key in sorted(set(saved) | set(new)):
+    for key in sorted(set(saved) | set(new) - {"resume", "overwrite"}):  # how a start is asked for, not the run
         old, value = saved.get(key, "<absent>"), new.get(key, "<absent>")
         if old != value:
             (allowed if _may_change(key) else refused).append(f"{key}: {old!r} -> {value!r}")
@@ -105,10 +106,11 @@ def clear_run_outputs(out: Path) -> list[str]:
     return removed
 
 
-def record_resume(out: Path, checkpoint: str | None, changes: list[str]) -> None:
-    """Appends one line per resume to ``resumes.log``: when, from which checkpoint, and the allowed changes."""
+def record_resume(out: Path, source: str, changes: list[str]) -> None:
+    """Appends one line per resume to ``resumes.log``: when, from what (a checkpoint, the saved calibration or the
+    beginning), and the allowed changes."""
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
-    line = f"{stamp} resume from {checkpoint or '(no checkpoint yet: a fresh start)'}"
+    line = f"{stamp} resume from {source}"
     line += ("; changed " + "; ".join(changes)) if changes else "; config unchanged"
     with (out / "resumes.log").open("a") as f:
         f.write(line + "\n")

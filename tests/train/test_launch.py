@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -210,36 +211,36 @@ def test_resume_auto_starts_fresh_without_a_checkpoint(tiny_teacher: Path, tmp_p
     run = main(["config=efficientdm_digits.yaml", *fast_overrides(tiny_teacher, tmp_path / "r", steps=1),
                 "resume=auto", "export=false"])
     assert (run / "checkpoints" / "last.ckpt").is_file()
-    with pytest.raises(ConfigError, match="resume: 'last' but .* does not exist"):
+    with pytest.raises(ConfigError, match="resume: 'last' but .* holds no run"):
         main(["config=efficientdm_digits.yaml", *fast_overrides(tiny_teacher, tmp_path / "fresh", steps=1),
               "resume=last"])
 
 
 def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tiny_teacher: Path, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """Lightning writes checkpoints through an fsspec transaction (temporary file, renamed on success)."""
-    from fsspec.implementations.local import LocalFileOpener
-    from lightning.fabric.utilities.cloud_io import _atomic_save
+    """The run's checkpoint writer writes ``<name>.partial`` beside the checkpoint and renames it when complete; a
+    resume removes a partial file that a killed process left."""
+    from train.checkpoints import AtomicCheckpointIO, remove_partial_files
 
     run = main(["config=efficientdm_digits.yaml", *fast_overrides(tiny_teacher, tmp_path / "r", steps=2),
                 "export=false"])
     last = run / "checkpoints" / "last.ckpt"
     before, files = last.read_bytes(), sorted(p.name for p in last.parent.iterdir())
-    original = LocalFileOpener.write
-
-    def dies_halfway(self: LocalFileOpener, data: bytes) -> int:
-        original(self, data[: len(data) // 2])
-        raise OSError("simulated crash while saving")
-
-    monkeypatch.setattr(LocalFileOpener, "write", dies_halfway)
     state = torch.load(last, map_location="cpu", weights_only=True)
     state["global_step"] = 999
+
+    def dies_halfway(obj: object, f: io.BufferedWriter, *args: object, **kwargs: object) -> None:
+        f.write(before[: len(before) // 2])
+        raise OSError("simulated crash while saving")
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
     with pytest.raises(OSError, match="simulated crash"):
-        _atomic_save(state, last)
-    monkeypatch.setattr(LocalFileOpener, "write", original)
+        AtomicCheckpointIO().save_checkpoint(state, last)
+    monkeypatch.undo()
     assert last.read_bytes() == before
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 2
-    assert sorted(p.name for p in last.parent.iterdir()) == files  # no stray temporary file
+    assert remove_partial_files(last.parent) == ["last.ckpt.partial"]
+    assert sorted(p.name for p in last.parent.iterdir()) == files
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tiny_teacher: Path, tmp_path: Path,

@@ -163,7 +163,7 @@ def test_a_truncated_teacher_file_is_named_before_anything_is_written(tiny_teach
     assert not out.exists()
 
 
-def test_a_corrupt_trajectory_shard_is_named(tiny_teacher: Path, tmp_path: Path) -> None:
+def test_a_corrupt_trajectory_shard_is_named_before_anything_is_written(tiny_teacher: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     common = ["config=efficientdm_digits.yaml", "trajectories.mode=cached", f"trajectories.cache_dir={cache}",
               "export=false"]
@@ -172,6 +172,7 @@ def test_a_corrupt_trajectory_shard_is_named(tiny_teacher: Path, tmp_path: Path)
     shard.write_bytes(shard.read_bytes()[:-7])
     with pytest.raises(ValueError, match=rf"trajectory cache {cache}: {shard} is truncated or corrupt"):
         main([*common, *fast_overrides(tiny_teacher, tmp_path / "b", 1)])
+    assert not (tmp_path / "b").exists()  # found before the run directory is made, so before calibration
 
 
 def test_a_truncated_last_checkpoint_falls_back_to_the_newest_intact_one(finished_run: tuple[Path, list[str]],

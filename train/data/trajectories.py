@@ -45,7 +45,7 @@ from train.models.pipeline import QATDiffusionPipeline, batch_timesteps, guided_
 from train.models.teacher import Teacher
 
 __all__ = ["TrajectoryBatch", "PreviousStep", "OnlineTrajectories", "generate_cache", "CachedTrajectories",
-           "trajectory_start", "trajectory_steps"]
+           "trajectory_start", "trajectory_steps", "check_cache"]
 
 
 @dataclass
@@ -204,12 +204,37 @@ def _shard_path(cache_dir: Path, shard: int) -> Path:
     return cache_dir / f"shard-{shard:05d}.safetensors"
 
 
+def check_cache(cache_dir: str | Path, teacher_path: str, num_steps: int, eta: float, guidance: float, seed: int,
+                num_trajectories: int, shard_size: int) -> dict[str, Any]:
+    """Checks an existing (possibly partial) trajectory cache against the run's settings, reading only small files,
+    so that a mismatch is reported before calibration; returns the settings' manifest.
+
+    Raises:
+        ValueError: the cache was made with other settings (each differing key listed), or one of its finished
+            shards is truncated or corrupt (named).
+    """
+    cache_dir = Path(cache_dir)
+    manifest = _manifest(teacher_path, num_steps, eta, guidance, seed, num_trajectories, shard_size)
+    spec_path = cache_dir / "cache_spec.json"
+    if spec_path.exists():
+        old = json.loads(spec_path.read_text())
+        if old != manifest:
+            diff = {k: (old.get(k), v) for k, v in manifest.items() if old.get(k) != v}
+            raise ValueError(f"trajectory cache {cache_dir} was made with other settings {diff} (cache, config); "
+                             "delete it or set trajectories.cache_dir to a new directory")
+    num_shards = -(-num_trajectories // shard_size)
+    require_intact([p for s in range(num_shards) if (p := _shard_path(cache_dir, s)).exists()],
+                   f"trajectory cache {cache_dir}")
+    return manifest
+
+
 @torch.no_grad()
 def trajectory_steps(teacher: Teacher, indices: list[int], num_steps: int, eta: float, guidance: float, seed: int,
-                     device: torch.device | str) -> dict[str, Tensor]:
+                     device: torch.device | str, progress: str | None = None) -> dict[str, Tensor]:
     """Every step of the trajectories ``indices``, flattened step-major to ``(num_steps * len(indices), ...)``
     tensors ``x``, ``t``, ``eps_cond`` (and ``eps_uncond`` with conditioning), plus ``labels``: the teacher's
-    DDIM run in the pipeline's loop, each trajectory drawing its noise from its own stream."""
+    DDIM run in the pipeline's loop, each trajectory drawing its noise from its own stream. ``progress``: the
+    description of a progress bar over the steps (None: no bar)."""
     sched = teacher.ddim(num_steps)
     pipe = QATDiffusionPipeline.from_teacher(teacher, scheduler=sched)
     starts = [trajectory_start(teacher, i, seed) for i in indices]
@@ -238,7 +263,10 @@ def trajectory_steps(teacher: Teacher, indices: list[int], num_steps: int, eta: 
         noise, gen_states = _draw(gen_states, x.shape[1:])
         return noise.pin_memory().to(device, non_blocking=True) if pinned else noise.to(device)
 
+    bar = tqdm(total=steps, desc=progress, unit="step", disable=progress is None)
+
     def record(k: int, t: Tensor, x_t: Tensor, eps_c: Tensor, eps_u: Tensor | None) -> None:
+        bar.update(1)
         rows = slice(k * n, (k + 1) * n)
         out["x"][rows].copy_(x_t.float(), non_blocking=pinned)
         out["t"][rows].copy_(t, non_blocking=pinned)
@@ -247,6 +275,7 @@ def trajectory_steps(teacher: Teacher, indices: list[int], num_steps: int, eta: 
             out["eps_uncond"][rows].copy_(eps_u, non_blocking=pinned)
 
     pipe.denoise_loop(x, cond, uncond, guidance, eta=eta, noise_fn=noise_fn, callback=record)
+    bar.close()
     if pinned:
         torch.cuda.current_stream(device).synchronize()  # the asynchronous copies have landed
     out["labels"] = labels.repeat(steps)
@@ -263,17 +292,11 @@ def generate_cache(teacher: Teacher, teacher_path: str, cache_dir: str | Path, n
     writes the manifest. An existing cache made with other settings is refused.
     """
     cache_dir = Path(cache_dir)
+    manifest = check_cache(cache_dir, teacher_path, num_steps, eta, guidance, seed, num_trajectories, shard_size)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    manifest = _manifest(teacher_path, num_steps, eta, guidance, seed, num_trajectories, shard_size)
     mpath = cache_dir / "manifest.json"
     spec_path = cache_dir / "cache_spec.json"
-    if spec_path.exists():
-        old = json.loads(spec_path.read_text())
-        if old != manifest:
-            diff = {k: (old.get(k), v) for k, v in manifest.items() if old.get(k) != v}
-            raise ValueError(f"trajectory cache {cache_dir} was made with other settings {diff} (cache, config); "
-                             "delete it or set trajectories.cache_dir to a new directory")
-    elif rank == 0:
+    if not spec_path.exists() and rank == 0:
         _atomic_write_text(spec_path, json.dumps(manifest, indent=2))
     num_shards = -(-num_trajectories // shard_size)
     mine = [s for s in range(rank, num_shards, world_size) if not _shard_path(cache_dir, s).exists()]

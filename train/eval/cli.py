@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     tr = cfg.trajectories
     evaluator = Evaluator(cfg.eval, teacher, tr.eta, tr.guidance_scale, device, cache_dir=str(out / "eval_cache"),
-                          rank=rank, world_size=world)
+                          rank=rank, world_size=world, progress=rank == 0 and cfg.trainer.enable_progress_bar)
     variants: dict[str, dict[str, Any]] = {}
     samples = {}
     variants["fp"], samples["fp"] = evaluator.evaluate(None)
@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> Path:
         method = build_method(cfg)  # one instance for building and initialising the PTQ student
         ptq_student, _ = build_student(cfg, teacher, method)
         ptq_student.to(device)
-        calibrate_student(cfg, ptq_student, teacher, device, method)
+        calibrate_student(cfg, ptq_student, teacher, device, method,
+                          progress=rank == 0 and cfg.trainer.enable_progress_bar)
         variants["ptq"], samples["ptq"] = evaluator.evaluate(ptq_student)
         del ptq_student
     variants["qat"], samples["qat"] = evaluator.evaluate(student)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 import qat
 from qat.sampling import sampling_state_modules
@@ -135,21 +136,25 @@ def shard_indices(num_samples: int, rank: int = 0, world_size: int = 1) -> list[
 @torch.no_grad()
 def generate(model: nn.Module, teacher: Teacher, indices: list[int], *, scheduler: str = "ddim", num_steps: int = 20,
              guidance: float = 1.0, eta: float = 0.0, seed: int = 0, batch_size: int = 64,
-             balanced: bool = True) -> SampleSet:
+             balanced: bool = True, progress: str | None = None) -> SampleSet:
     """Samples ``indices`` with ``model`` in the teacher's diffusers pipeline (:class:`QATDiffusionPipeline`).
 
     Labels and noise of sample ``i`` come from :func:`train.models.pipeline.sample_seeds` (seed ``seed + i``), so every
-    model sees the same noise and label for the same index, whatever the batching.
+    model sees the same noise and label for the same index, whatever the batching. ``progress``: the description of
+    a progress bar over the samples (None: none).
     """
     pipe = QATDiffusionPipeline.from_teacher(teacher, unet=model, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     images, labels = [], []
+    bar = tqdm(total=len(indices), desc=progress, unit="sample", disable=progress is None)
     for start in range(0, len(indices), batch_size):
         chunk = indices[start : start + batch_size]
         lab, noise, gens = sample_seeds(chunk, teacher.num_classes, seed, teacher.sample_shape, balanced)
         out = pipe(noise, lab, num_inference_steps=num_steps, guidance_scale=guidance, eta=eta, generator=gens)
         images.append(teacher.as_images(out.images.float().cpu()))
         labels.append(lab)
+        bar.update(len(chunk))
+    bar.close()
     empty = teacher.as_images(torch.empty(0, *teacher.sample_shape))
     return SampleSet(torch.cat(images) if images else empty,
                      torch.cat(labels) if labels else torch.empty(0, dtype=torch.long),
@@ -257,12 +262,13 @@ class Evaluator:
         device: where models run.
         cache_dir: reference-statistics cache (Inception features).
         rank, world_size: sample shard of this process; :func:`gather_samples` reassembles the set.
+        progress: progress bars over the samples of each model.
     """
 
     def __init__(self, ev: Any, teacher: Teacher, trajectory_eta: float, trajectory_guidance: float,
                  device: torch.device | str, cache_dir: str | None = None, rank: int = 0,
-                 world_size: int = 1) -> None:
-        self.ev, self.teacher = ev, teacher
+                 world_size: int = 1, progress: bool = False) -> None:
+        self.ev, self.teacher, self.progress = ev, teacher, progress
         self.guidance = trajectory_guidance if ev.guidance_scale is None else ev.guidance_scale
         self.held = HeldOut(teacher, ev.num_trajectories, ev.num_steps, trajectory_eta, trajectory_guidance,
                             ev.seed, device)
@@ -272,13 +278,15 @@ class Evaluator:
                                          class_conditional=teacher.conditioning == "class", device=device)
         self.world_size = world_size
         self.indices = shard_indices(ev.num_samples, rank, world_size)
-        self.fp_samples = self.samples(teacher.unet)
+        self.fp_samples = self.samples(teacher.unet, "eval samples (FP teacher)")
 
-    def samples(self, model: nn.Module) -> SampleSet:
-        """``eval.num_samples`` samples of ``model`` (this process's shard, then gathered)."""
+    def samples(self, model: nn.Module, what: str = "eval samples") -> SampleSet:
+        """``eval.num_samples`` samples of ``model`` (this process's shard, then gathered); ``what``: the
+        progress bar's description."""
         ev = self.ev
         local = generate(model, self.teacher, self.indices, scheduler=ev.scheduler, num_steps=ev.sampling_steps,
-                         guidance=self.guidance, eta=ev.eta, seed=ev.seed, batch_size=ev.batch_size)
+                         guidance=self.guidance, eta=ev.eta, seed=ev.seed, batch_size=ev.batch_size,
+                         progress=what if self.progress else None)
         return gather_samples(local, self.world_size)
 
     def sampler_info(self) -> dict[str, Any]:
@@ -295,7 +303,7 @@ class Evaluator:
         if model is None:
             return self.scorer(self.fp_samples), self.fp_samples
         metrics: dict[str, Any] = {}
-        samples = self.samples(model)
+        samples = self.samples(model, "eval samples (student)")
         metrics.update(self.scorer(samples))
         metrics.update(fidelity(samples, self.fp_samples))
         metrics.update(heldout_eps_mse(model, self.held))
