@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,18 @@ def max_student_difference(a: Path, b: Path) -> float:
     sa, sb = (load_file(str(run / "student" / "student.safetensors")) for run in (a, b))
     assert sa.keys() == sb.keys()
     return max(float((sa[key].float() - sb[key].float()).abs().max()) for key in sa)
+
+
+@pytest.fixture
+def one_intra_op_thread() -> Iterator[None]:
+    """One intra-op thread for the test, the previous count restored after it.
+
+    The thread count is process state that earlier tests change (``tests/qat`` keeps one thread for the rest of the
+    session, some modules set one for themselves; alone a test gets one per core), and it decides how CPU kernels
+    split their reductions, hence the float32 rounding of every sum. A test whose outcome follows a training run
+    pins it, so that the run computes the same numbers whatever ran before it.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
