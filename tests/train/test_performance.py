@@ -43,13 +43,12 @@ def test_compiled_fused_training_equals_the_eager_composite_reference(tiny_teach
     """Three training steps on the fused fake quantizers in a ``torch.compile``d student (and teacher) end at the
     student of the eager composite reference.
 
-    Both runs are seeded by ``main``; the thread count is pinned (``one_intra_op_thread``) and dynamo starts from
-    an empty cache, so neither depends on what ran earlier in the process. Tolerance: the two paths differ only in
-    float32 rounding (the fused backward's mask for ``(g s) / s``, the compiled graph's op order); over seeds 0-3
-    on one and two threads the relative difference of the trained state measured 1.6e-8 to 2.8e-8. Adam's first
-    step is ``+-lr`` for any gradient well above its ``eps``, so one adapter entry whose gradient sign rounding
-    flips moves by ``2 lr`` (~1e-3 here) against a trained-state norm of ~10: 1e-4 tolerates a flip or two, while a
-    wrong fused or compiled gradient moves every entry and lands orders of magnitude above it.
+    Both runs are seeded by ``main``; the intra-op thread count is pinned (``one_intra_op_thread``) and dynamo
+    starts from an empty cache, so neither run depends on what ran earlier in the process (alone a test gets one
+    thread per core, after ``tests/qat`` one; earlier tests may leave compiled frames and recompile counts behind).
+    Tolerance: the two paths differ only in float32 rounding (the fused backward's mask for ``(g s) / s``, the
+    compiled graph's op order); over seeds 0-3 on one and on two threads the relative difference measured 1.6e-8
+    to 2.8e-8, far below the 1e-4 bound.
     """
     common = ["config=efficientdm_digits.yaml", "export=false"]
     torch._dynamo.reset()  # no compiled frames or recompile counts left by earlier tests

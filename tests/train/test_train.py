@@ -83,10 +83,22 @@ def test_missing_teacher_weights_say_what_to_put_where(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("mode", ["online", "cached"])
-def test_training_reduces_the_loss_in_both_modes(mode: str, tiny_teacher: Path, tmp_path: Path) -> None:
-    run = main(["config=efficientdm_digits.yaml", *fast_overrides(tiny_teacher, tmp_path / mode, steps=16),
+def test_training_reduces_the_loss_in_both_modes(mode: str, tiny_teacher: Path, tmp_path: Path,
+                                                 one_intra_op_thread: None) -> None:
+    """Training lowers the held-out eps-MSE (8 teacher trajectories the run never trains on) below the PTQ start.
+
+    A short 4-bit run is chaotic: a float32 rounding difference (another intra-op thread count, hence another
+    reduction order) flips rounding decisions and the run ends elsewhere; with 16 steps of 2 samples, 2 held-out
+    trajectories and lr 1e-3 for the activation steps the result sat within noise of the start (online: 0.05%
+    below it on two threads, 13% on one; seed 2 ended above it in both modes). Here the thread count is pinned
+    (``one_intra_op_thread``; ``main`` seeds the rest), so the run is bit-reproducible whatever ran before, and the
+    schedule (32 steps of 4 samples, act_step_lr 3e-4) ends below the start for each of seeds 0-7 in both modes:
+    by 0.8-17%, 4.6% (cached) and 9% (online) at this seed.
+    """
+    run = main(["config=efficientdm_digits.yaml", *fast_overrides(tiny_teacher, tmp_path / mode, steps=32),
                 f"trajectories.mode={mode}", "monitor.checkpoint_every_n_steps=100", "eval.enabled=true",
-                "efficientdm.lora_lr=0.02", "efficientdm.act_scale_aware=false", "efficientdm.act_step_lr=1e-3"])
+                "trajectories.batch_size=4", "eval.num_trajectories=8",
+                "efficientdm.lora_lr=0.02", "efficientdm.act_scale_aware=false", "efficientdm.act_step_lr=3e-4"])
     variants = json.loads((run / "report.json").read_text())["variants"]
     assert variants["qat"]["eps_mse"] < variants["ptq"]["eps_mse"]
     if mode == "cached":
