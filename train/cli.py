@@ -177,7 +177,8 @@ def _resume_path(cfg: RunConfig, out: Path) -> tuple[str | None, str]:
 
 
 def calibration_file(out: Path) -> Path:
-    """Where a run keeps its calibrated student until its first training checkpoint makes it redundant."""
+    """Where a run keeps its calibrated student (written once, after calibration; a resume before the first
+    training checkpoint restores it, later resumes use the checkpoints)."""
     return out / "calibration" / "student.safetensors"
 
 
