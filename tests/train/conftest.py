@@ -105,10 +105,9 @@ def max_student_difference(a: Path, b: Path) -> float:
 def one_intra_op_thread() -> Iterator[None]:
     """One intra-op thread for the test, the previous count restored after it.
 
-    The thread count is process state that earlier tests change (``tests/qat`` keeps one thread for the rest of the
-    session, some modules set one for themselves; alone a test gets one per core), and it decides how CPU kernels
-    split their reductions, hence the float32 rounding of every sum. A test whose outcome follows a training run
-    pins it, so that the run computes the same numbers whatever ran before it.
+    The thread count is process state (``tests/conftest.py`` pins one for the session, and a test could change it)
+    and it decides how CPU kernels split their reductions, hence the float32 rounding of every sum. A test whose
+    outcome follows a training run pins it itself, so that the run computes the same numbers whatever ran before it.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
