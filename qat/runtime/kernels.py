@@ -15,10 +15,11 @@ Every term is an integer, so (1) is exact as long as nothing overflows its integ
 bound once, at conversion, and widen the correction to int64 when int32 could overflow).
 
 Shapes that cuBLAS accepts. ``torch._int_mm`` on CUDA needs ``M > 16`` and ``K``, ``N`` multiples of 8 (and, as
-torchao's wrapper notes, a contiguous second operand); ``torch._scaled_mm`` needs ``K`` and ``N`` multiples of 16
-and a column-major second operand. The CPU kernels take any shape. Zero rows and columns are appended here on every
-device, so that one code path runs everywhere and is tested on the CPU: a zero column of ``a`` meets a zero row of
-``w^T`` and adds nothing; extra output rows and columns are sliced off.
+torchao's wrapper notes, a contiguous second operand); on an H100 with CUDA 13 cuBLASLt also refused ``M = 17``
+(``CUBLAS_STATUS_NOT_SUPPORTED``), so rows are padded to a multiple of 8 as well. ``torch._scaled_mm`` needs ``K``
+and ``N`` multiples of 16 and a column-major second operand. The CPU kernels take any shape. Zero rows and columns
+are appended here on every device, so that one code path runs everywhere and is tested on the CPU: a zero column of
+``a`` meets a zero row of ``w^T`` and adds nothing; extra output rows and columns are sliced off.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from torch import Tensor
 __all__ = ["INT8_MIN_ROWS", "INT8_ALIGN", "FP8_ALIGN", "FP8_DTYPE", "FP8_MAX", "round_up", "int8_matmul",
            "prepare_int8_weight", "zero_point_matmul", "fp8_matmul", "pack_int4", "unpack_int4"]
 
-#: cuBLAS's int8 GEMM refuses ``M <= 16`` rows
+#: cuBLAS's int8 GEMM refuses ``M <= 16`` rows (and ``M`` that is not a multiple of :data:`INT8_ALIGN`)
 INT8_MIN_ROWS = 17
-#: ``K`` and ``N`` multiples for ``torch._int_mm`` on CUDA
+#: ``M``, ``K`` and ``N`` multiples for ``torch._int_mm`` on CUDA
 INT8_ALIGN = 8
 #: ``K`` and ``N`` multiples for ``torch._scaled_mm`` on CUDA
 FP8_ALIGN = 16
@@ -50,8 +51,8 @@ def int8_matmul(a: Tensor, b_t: Tensor) -> Tensor:
     """``a @ b_t`` exactly, through ``torch._int_mm``: int8 ``(M, K)`` x int8 ``(K', N')`` -> int32 ``(M, N')``.
 
     ``b_t`` may be a weight padded once at conversion (``K' >= K``, rows past ``K`` zero); ``a`` is padded here with
-    zero columns to ``K'`` and with zero rows to ``M > 16``, and ``b_t`` to multiples of 8 if it is not already
-    (module docstring). The int32 accumulation is exact while ``K' * 128 * 128 < 2^31``.
+    zero columns to ``K'`` and with zero rows to a multiple of 8 above 16, and ``b_t`` to multiples of 8 if it is not
+    already (module docstring). The int32 accumulation is exact while ``K' * 128 * 128 < 2^31``.
 
     Args:
         a: ``(M, K)`` int8.
@@ -65,7 +66,7 @@ def int8_matmul(a: Tensor, b_t: Tensor) -> Tensor:
     kp, np_ = round_up(kb, INT8_ALIGN), round_up(n, INT8_ALIGN)
     if kp != kb or np_ != n:
         b_t = F.pad(b_t, (0, np_ - n, 0, kp - kb))
-    rows = max(m, INT8_MIN_ROWS)
+    rows = round_up(max(m, INT8_MIN_ROWS), INT8_ALIGN)
     if kp != k or rows != m:
         a = F.pad(a, (0, kp - k, 0, rows - m))
     out = torch._int_mm(a.contiguous(), b_t.contiguous())

@@ -43,6 +43,7 @@ from qat.runtime import (
     Int8Layer,
     RuntimeLayer,
     WeightOnlyLayer,
+    fp8_matmul,
     int8_matmul,
     load_for_inference,
     pack_int4,
@@ -167,6 +168,27 @@ def test_integer_gemm_with_zero_points_is_exact(m: int, k: int, n: int, bits: in
                        (q_a - o).to(torch.int64) @ (q_w - o).to(torch.int64).T)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: cuBLAS's int8 and float8 GEMMs; the CPU "
+                    "cases above run the same code path on the CPU kernels")
+@pytest.mark.parametrize("m", [1, 8, 16, 17, 23, 24, 31, 33, 256, 300])
+def test_integer_and_float8_gemms_are_exact_on_cuda(m: int) -> None:
+    """cuBLAS accepts every operand the runtime hands it, and the int8 sum with zero-points is the int64 reference
+    bit for bit; so is the float8 one for 4-bit codes (every code within +-16 is exact in e4m3)."""
+    gen = torch.Generator().manual_seed(m)
+    for k, n in ((13, 10), (72, 96), (1152, 4608)):
+        q_a, q_w = torch.randint(0, 256, (m, k), generator=gen), torch.randint(0, 256, (n, k), generator=gen)
+        z_a, z_w = torch.randint(0, 256, (m, 1), generator=gen), torch.randint(0, 256, (n,), generator=gen)
+        ref = (q_a - z_a) @ (q_w - z_w[:, None]).T
+        w_t, w_zero, w_term = (t.cuda() for t in prepare_int8_weight(q_w - 128, z_w - 128))
+        acc = zero_point_matmul((q_a - 128).to(torch.int8).cuda(), (z_a - 128).to(torch.int32).cuda(), w_t, w_zero,
+                                w_term, n)
+        assert torch.equal(acc.cpu().to(torch.int64), ref), (m, k, n)
+        d_a, d_w = torch.randint(-16, 17, (m, k), generator=gen), torch.randint(-16, 17, (n, k), generator=gen)
+        w8 = F.pad(d_w, (0, -k % 16, 0, -n % 16)).to(torch.float8_e4m3fn).cuda()
+        out = fp8_matmul(d_a.float().cuda(), w8.t())[:, :n]
+        assert torch.equal(out.cpu(), (d_a @ d_w.T).float()), (m, k, n)
+
+
 def test_integer_gemm_widens_where_int32_would_overflow() -> None:
     # 8-bit unsigned codes at the range ends with zero-points 0 and 255: za (Sw - K zw) alone exceeds 2^31
     k = 40000
@@ -184,14 +206,15 @@ def test_integer_gemm_widens_where_int32_would_overflow() -> None:
 
 def test_kernels_receive_shapes_that_cuda_accepts(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CPU kernels take any shape; cuBLAS's do not. Every operand handed over here already meets the CUDA
-    requirements (``_int_mm``: M > 16, K and N multiples of 8, contiguous; ``_scaled_mm``: K and N multiples of
+    requirements (``_int_mm``: M > 16, M, K and N multiples of 8, contiguous; ``_scaled_mm``: K and N multiples of
     16, second operand column-major), so the same code path runs on a GPU."""
     calls = []
     int_mm, scaled_mm = torch._int_mm, torch._scaled_mm
 
     def checked_int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         calls.append("int8")
-        assert a.shape[0] > 16 and a.shape[1] % 8 == 0 and b.shape[1] % 8 == 0, (a.shape, b.shape)
+        assert a.shape[0] > 16 and a.shape[0] % 8 == 0 and a.shape[1] % 8 == 0 and b.shape[1] % 8 == 0, (
+            a.shape, b.shape)
         assert a.is_contiguous() and b.is_contiguous()
         return int_mm(a, b)
 
