@@ -332,11 +332,20 @@ def _trainer(cfg: RunConfig, method: Method, out: Path,
     return trainer, preemption
 
 
+def _check_eval_backend(cfg: RunConfig) -> None:
+    """A run evaluates the student it trains, which is fake-quantized: ``eval.backend`` is for ``evaluate.py``."""
+    if cfg.eval.backend != "fake":
+        raise ConfigError(f"eval.backend: {cfg.eval.backend!r} is for evaluate.py; train.py evaluates the student it "
+                          f"trains (fake quantization): leave eval.backend=fake here, and after training run "
+                          f"python evaluate.py {cfg.output_dir}/export eval.backend={cfg.eval.backend}")
+
+
 def main(argv: list[str] | None = None, callbacks: list[L.Callback] | None = None) -> Path:
     """Runs one training job; returns the run directory. ``callbacks`` are added to the run's own."""
     _quiet_known_warnings()
     start = time.time()
     cfg = load_config(sys.argv[1:] if argv is None else argv)  # 1. fails here, before any model is built
+    _check_eval_backend(cfg)
     notes = apply_launcher(cfg)  # the launcher's process layout, precision and DeepSpeed stage win
     rank, local_rank, world = _dist_env()
     out = resolve_out(cfg)

@@ -28,6 +28,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from qat.checks import ConfigProblems
 from qat.losses import LOSSES, build_loss
 from qat.methods import METHODS, Method
+from qat.runtime import BACKENDS
 
 __all__ = [
     "ConfigError",
@@ -309,6 +310,12 @@ class EvalConfig:
         stats_cache_dir: where reference statistics are cached (None: ``<output_dir>/eval_cache``).
         save_npz: write each variant's samples as ADM-layout ``samples/<variant>.npz``.
         grid_size: samples per variant in the side-by-side PNG grid.
+        backend: what computes the evaluated student's quantized layers in ``evaluate.py`` (:mod:`qat.runtime`,
+            ``docs/runtime.md``): ``fake`` (the fake-quant model, floating point), ``int8`` (exact integer GEMMs),
+            ``fp8`` (float8 GEMMs of the same codes) or ``int4wo`` (packed weights, activations not quantized). An
+            export is reloaded on it; a run, student or checkpoint is first exported as ``export.py`` would (into
+            a temporary directory) and that reload is converted; with ``fake`` such a source is evaluated as
+            trained. The PTQ baseline and the FP teacher are not affected; ``train.py`` accepts only ``fake``.
     """
 
     enabled: bool = True
@@ -328,6 +335,7 @@ class EvalConfig:
     stats_cache_dir: str | None = None
     save_npz: bool = True
     grid_size: int = 20
+    backend: str = "fake"
 
 
 @dataclass
@@ -496,6 +504,7 @@ def _eval_problems(ev: EvalConfig) -> list[str]:
     except ValueError as err:
         errors.append(str(err))
     errors += _one_of("eval.features", ev.features, ("digits", "inception", "none"))
+    errors += _one_of("eval.backend", ev.backend, BACKENDS)
     if ev.num_samples < 2:
         errors.append(f"eval.num_samples: must be >= 2 (distribution statistics need two samples), got "
                       f"{ev.num_samples}")

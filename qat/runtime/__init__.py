@@ -20,9 +20,11 @@ Backends (details and exactness: ``docs/runtime.md``):
 from qat.runtime.convert import BACKENDS, RuntimeReport, RuntimeRow, load_for_inference, to_backend
 from qat.runtime.kernels import fp8_matmul, int8_matmul, pack_int4, prepare_int8_weight, unpack_int4, zero_point_matmul
 from qat.runtime.layers import Float8Layer, Int8Layer, RuntimeLayer, WeightOnlyLayer, weight_codes
+from qat.runtime.pipeline import DENOISER_COMPONENTS, load_pipeline
 
 __all__ = [
-    "BACKENDS", "RuntimeReport", "RuntimeRow", "to_backend", "load_for_inference",
+    "BACKENDS", "RuntimeReport", "RuntimeRow", "to_backend", "load_for_inference", "load_pipeline",
+    "DENOISER_COMPONENTS",
     "RuntimeLayer", "Int8Layer", "Float8Layer", "WeightOnlyLayer", "weight_codes",
     "int8_matmul", "prepare_int8_weight", "zero_point_matmul", "fp8_matmul", "pack_int4", "unpack_int4",
 ]

@@ -43,6 +43,27 @@ def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_teacher(tmp_path_factory.mktemp("tiny_teacher"))
 
 
+@pytest.fixture(scope="session")
+def tiny_export(tiny_teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A calibrated (untrained) W4A4 EfficientDM student of the tiny teacher, saved as a student directory
+    (``student/``: ``student.safetensors`` + ``run_config.yaml``) and exported (``export/``, the layout of
+    ``train.export_run``); with the resolved config and the loaded teacher."""
+    from train.cli import build_student, calibrate_student, save_student
+    from train.config import load_config
+    from train.export_run import export_run
+    from train.models.teacher import load_teacher
+
+    root = tmp_path_factory.mktemp("tiny_export")
+    cfg = load_config(["config=efficientdm_digits.yaml", *fast_overrides(tiny_teacher, root)])
+    torch.manual_seed(0)
+    teacher = load_teacher(cfg.teacher)
+    student, _ = build_student(cfg, teacher)
+    calibrate_student(cfg, student, teacher, torch.device("cpu"))
+    save_student(student, teacher, root / "student", cfg)
+    export_run(student, teacher, cfg, root / "export")
+    return {"cfg": cfg, "teacher": teacher, "student": root / "student", "export": root / "export"}
+
+
 #: per method: the overrides of its own section that fit :func:`fast_overrides` (4-step trajectories, 2 steps)
 FAST_METHOD_OVERRIDES = {
     "efficientdm": ["efficientdm.num_timesteps=4", "efficientdm.lora_rank=4"],

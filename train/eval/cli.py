@@ -9,12 +9,19 @@ resolved config is reloaded, so only what should change is given, e.g. another s
 Extra keys: ``out=<dir>`` (default ``<source>/eval_<scheduler>_<steps>``) and ``ptq=false`` (skip re-calibrating
 the PTQ baseline). Under ``torchrun`` / ``accelerate launch`` the samples are sharded over the processes by index
 and gathered, so the report is the same for any process count; process 0 writes it.
+
+``eval.backend=int8`` (``fp8``, ``int4wo``) evaluates the student with real low-bit kernels (:mod:`qat.runtime`): an
+export is reloaded on that backend; a run, student directory or checkpoint is exported first, as ``export.py``
+would, into a temporary directory, and its reload converted. ``report.json`` records it under ``runtime``: the
+backend and how many quantized modules run on it or stay on the fake path (with the reasons). The PTQ baseline and
+the FP teacher are evaluated as always.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,9 +30,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from train.config import ConfigError, build_method, load_config
+from train.config import ConfigError, RunConfig, build_method, load_config
 
-__all__ = ["main", "resolve_source"]
+__all__ = ["main", "resolve_source", "runtime_student", "runtime_summary"]
 
 
 def resolve_source(source: Path) -> tuple[str, Path, Path]:
@@ -44,6 +51,37 @@ def resolve_source(source: Path) -> tuple[str, Path, Path]:
         return "export", source, source / "run_config.yaml"
     raise FileNotFoundError(f"{source}: not a run directory, student directory (student.safetensors + "
                             "run_config.yaml), checkpoint (.ckpt) or export directory (unet/ + run_config.yaml)")
+
+
+@torch.no_grad()
+def runtime_student(student: torch.nn.Module, cfg: RunConfig, backend: str, device: torch.device,
+                    family: str) -> torch.nn.Module:
+    """A trained (or checkpointed) student on ``backend``: exported as ``export.py`` exports it (the method's
+    conversion: QALoRA merged, weights on their grid; ``student`` itself is left as it is) into a temporary
+    directory, then reloaded there with :func:`qat.runtime.load_for_inference`. The runtime needs that form: it reads
+    the integer codes from weights on the quantizer grid."""
+    from qat.export import export_quantized
+    from qat.runtime import load_for_inference
+    from train.models.families import set_family
+
+    with tempfile.TemporaryDirectory(prefix="diffqat_eval_export_") as tmp:
+        unet_dir = export_quantized(student, Path(tmp) / "unet", convert_fn=build_method(cfg).convert)
+        loaded = load_for_inference(unet_dir, backend, device)
+    set_family(loaded, family)
+    return loaded
+
+
+def runtime_summary(student: torch.nn.Module, backend: str, kind: str) -> dict[str, Any]:
+    """The ``runtime`` entry of the report: the backend of the evaluated student and, where it went through
+    :func:`qat.runtime.to_backend`, how many quantized modules run on each backend and why the others stay fake."""
+    report = getattr(student, "runtime_report", None)
+    if report is None:  # a run / checkpoint on the fake path: the student as trained
+        return {"backend": backend, "model": "the student as trained (fake quantization)"}
+    model = "the export's reload" if kind == "export" else "the reload of a temporary export of the student"
+    out = {"backend": backend, "model": model, "counts": report.counts()}
+    if backend != "fake":  # (with fake, every row says only that fake was asked for)
+        out["fake"] = report.fake
+    return out
 
 
 def _init_distributed() -> tuple[int, int]:
@@ -76,11 +114,13 @@ def main(argv: list[str] | None = None) -> Path:
                / f"eval_{cfg.eval.scheduler}_{cfg.eval.sampling_steps}")
 
     teacher = load_teacher(cfg.teacher, device)
+    backend = cfg.eval.backend
     if kind == "export":
-        from qat.export import load_quantized
+        from qat.runtime import load_for_inference
         from train.models.families import set_family
 
-        student = load_quantized(weights / "unet", device=device)
+        # backend fake: qat.load_quantized's model as it is (to_backend only attaches its report)
+        student = load_for_inference(weights / "unet", backend, device)
         set_family(student, teacher.family)  # a teacher.family override also applies to the reloaded export
     else:
         student, _ = build_student(cfg, teacher)
@@ -93,6 +133,8 @@ def main(argv: list[str] | None = None) -> Path:
             if missing or unexpected:
                 raise ValueError(f"{weights} does not match the student of {run_config}: missing {missing[:5]}, "
                                  f"unexpected {unexpected[:5]}")
+        if backend != "fake":
+            student = runtime_student(student, cfg, backend, device, teacher.family)
     student.eval()
 
     tr = cfg.trajectories
@@ -113,7 +155,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     if rank == 0:
         paths = write_run_report(out, cfg, evaluator, variants, samples, source=str(source), source_kind=kind,
-                                 processes=world, wall_time_s=round(time.time() - start, 1))
+                                 runtime=runtime_summary(student, backend, kind), processes=world,
+                                 wall_time_s=round(time.time() - start, 1))
         print(paths["md"].read_text())
     if dist.is_initialized():
         dist.barrier()

@@ -8,11 +8,14 @@
      "variants": {"fp":  {"fd", "class_acc", ...},
                   "ptq": {"fd", "class_acc", "psnr_vs_fp", "ssim_vs_fp", "sample_mse", "eps_mse",
                           "eps_mse_by_step": [...]},
-                  "qat": {... same as ptq}}}
+                  "qat": {... same as ptq}},
+     "runtime": {"backend", "model", "counts": {backend: modules}, "fake": {module: why}}}     (evaluate.py only)
 
 Metrics appear where they apply: the FP teacher has no ``psnr_vs_fp`` or ``eps_mse`` (it is the reference), and
-distribution metrics depend on ``eval.features``. Non-finite values (a PSNR of identical images) are written as
-``null``, since JSON has no infinity.
+distribution metrics depend on ``eval.features``. ``runtime`` says what computed the ``qat`` variant's quantized
+layers (``eval.backend``, :mod:`qat.runtime`): ``counts`` quantized modules per backend and ``fake`` the reason each
+module stays on the fake path (``counts`` is absent for a student evaluated as trained, ``fake`` for the ``fake``
+backend). Non-finite values (a PSNR of identical images) are written as ``null``, since JSON has no infinity.
 """
 
 from __future__ import annotations
@@ -152,6 +155,11 @@ def write_report(out: Path, report: dict[str, Any], grids: dict[str, SampleSet] 
         lines.append(f"Samples: {s.get('num_samples')} per variant, {s.get('scheduler')} with {s.get('steps')} steps, "
                      f"CFG {s.get('guidance_scale')}, eta {s.get('eta')}, seeds {s.get('seed')} + i (same noise and "
                      "label for every variant).")
+    rt = report.get("runtime")
+    if rt:
+        counts = ", ".join(f"{n} on {b}" for b, n in rt.get("counts", {}).items())
+        lines.append(f"QAT variant computed on backend `{rt['backend']}` ({rt['model']}" +
+                     (f"; quantized modules: {counts}" if counts else "") + ").")
     h = report.get("heldout")
     if h and any("eps_mse_by_step" in v for v in variants.values()):
         paths["eps_plot"] = plot_eps_curves(out / "eps_mse_by_step.png", h["timesteps"], variants)

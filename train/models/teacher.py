@@ -217,12 +217,17 @@ def check_teacher_files(cfg: TeacherConfig) -> None:
         require_intact(sorted(emb_dir.glob("*.safetensors")), "class embedder (teacher.class_embedder_subfolder)")
 
 
-def load_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu") -> Teacher:
+def load_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu", unet: nn.Module | None = None) -> Teacher:
     """Loads the teacher described by ``cfg`` from local files only.
+
+    ``unet``: a denoiser to use instead of the one in ``<path>/<unet_subfolder>`` (e.g. a reloaded export, to sample
+    it with the teacher's scheduler and conditioning without loading the float weights); it must be of the class that
+    the folder's ``config.json`` names, whose family it gets.
 
     Raises:
         FileNotFoundError: a directory or weight file is missing; the message says what to put where.
-        ConfigError: the conditioning does not fit the denoiser's family, or the family is unknown.
+        ConfigError: the conditioning does not fit the denoiser's family, the family is unknown, or ``unet`` is not
+            of the folder's class.
     """
     import diffusers
 
@@ -236,7 +241,11 @@ def load_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu") -> Teac
     family = _resolve_family(cfg, model_cls, unet_dir)
     _check_conditioning(cfg, family)
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
-    unet = model_cls.from_pretrained(str(root), subfolder=cfg.unet_subfolder, torch_dtype=dtype)
+    if unet is None:
+        unet = model_cls.from_pretrained(str(root), subfolder=cfg.unet_subfolder, torch_dtype=dtype)
+    elif not isinstance(unet, model_cls):
+        raise ConfigError(f"teacher.unet_subfolder: {unet_dir}/config.json names {class_name}, but the denoiser "
+                          f"given to sample with it is a {type(unet).__name__}")
     apply_attention_heads(unet)  # per-level head counts of converted CompVis UNets (no-op otherwise)
     unet.requires_grad_(False).eval()
     set_family(unet, family.name)  # students are deep copies: they inherit it
