@@ -62,6 +62,7 @@ from qat.export_format import (
     resolve_export_dir,
     scheme_of,
 )
+from qat.families import apply_attention_heads
 from qat.files import save_tensors
 from qat.nn.exportable import EXPORTABLE, ExportTensorError
 from qat.prepare import LAYER_MAPPING, convert
@@ -144,7 +145,9 @@ def _build_model(config: dict[str, Any], path: Path) -> nn.Module:
         raise ExportError(f"{path}: _class_name {name!r} is not a diffusers model class; pass a float model of the "
                           "same architecture as load_quantized(path, model=...)")
     init = {k: v for k, v in config.items() if k != "quantization_config"}
-    return cls.from_config(init)
+    model = cls.from_config(init)
+    apply_attention_heads(model)  # per-level head counts of a converted CompVis UNet (no-op otherwise)
+    return model
 
 
 # -- export -------------------------------------------------------------------------------------------------------

@@ -124,3 +124,29 @@ def block_outputs(model: nn.Module, family: str) -> list[str]:
             else:
                 names.append(f"up_blocks.{i}.attentions.{j}" if attentions else f"up_blocks.{i}.resnets.{j}")
     return names
+
+
+# -- per-module attention head counts of converted CompVis UNets ----------------------------------------------------
+#: config key of a converted CompVis UNet's per-module attention head counts (:func:`apply_attention_heads`)
+HEADS_KEY = "_compvis_attention_heads"
+
+
+def apply_attention_heads(unet: nn.Module) -> int:
+    """Sets the head count of every attention module listed in ``unet.config[HEADS_KEY]``; returns how many.
+
+    diffusers' ``UNet2DModel`` has one ``attention_head_dim`` for all blocks, while a CompVis UNet configured with
+    ``num_heads`` keeps the head *count* fixed, so its head dim changes with the width of the level (LSUN churches
+    LDM-8: 8 heads of 24..96 channels). Such a UNet is saved with an ``attention_head_dim`` that divides every width
+    (so the projection shapes are right) and the true per-module head counts under :data:`HEADS_KEY`;
+    ``from_pretrained`` / ``from_config`` keep that key in ``unet.config`` but do not apply it, so loaders must call
+    this function after loading (a no-op for every other model; :func:`qat.load_quantized` calls it on the models it
+    builds). The attention maths is then exactly CompVis'.
+    """
+    heads = dict(getattr(getattr(unet, "config", None), HEADS_KEY, None) or {})
+    for name, count in heads.items():
+        attn = unet.get_submodule(name)
+        if attn.inner_dim % count:
+            raise ValueError(f"{HEADS_KEY}: {name} has {attn.inner_dim} channels, not divisible by {count} heads")
+        attn.heads = attn.sliceable_head_dim = int(count)
+        attn.scale = (attn.inner_dim // count) ** -0.5
+    return len(heads)

@@ -515,6 +515,32 @@ def test_per_block_heads_survive_save_and_load_but_must_be_applied(tmp_path: Pat
         assert torch.equal(loaded(x, t).sample, source(x, t).sample)
 
 
+def test_an_exported_student_reloads_with_the_per_block_heads(tmp_path: Path) -> None:
+    """``qat.load_quantized`` builds the model from the export's config, which carries the head counts: it applies
+    them, so the reload computes what the student computed (without them it would split 4 / 6 heads, not 2)."""
+    import qat
+    from qat.methods.efficientdm import EfficientDM, EfficientDMConfig
+
+    source = tiny_unet2d(tiny_params(num_head_channels=-1, num_heads=2)).eval().requires_grad_(False)
+    method = EfficientDM(EfficientDMConfig(weight_bits=8, act_bits=8, num_timesteps=2, lora_rank=2,
+                                           act_init="minmax"))
+    student, _ = method.build_student(source, "unet")
+    qat.set_timestep_grid(student, [10, 900])
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(8))
+    t = torch.tensor([10, 900])
+
+    def run(model: nn.Module) -> Tensor:
+        with qat.timestep(model, t):
+            return model(x, t).sample
+
+    qat.calibrate(student, [x], lambda m, b: run(m))
+    out = qat.export_quantized(student, tmp_path / "unet", convert_fn=method.convert)
+    reloaded = qat.load_quantized(out)
+    assert {m.heads for m in reloaded.modules() if isinstance(m, Attention)} == {2}
+    with torch.no_grad():
+        assert torch.equal(run(reloaded), run(student))
+
+
 def test_load_teacher_applies_per_block_heads(tmp_path: Path) -> None:
     from diffusers import DDPMScheduler
 

@@ -41,13 +41,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from qat.families import HEADS_KEY, apply_attention_heads
+
 __all__ = ["Family", "TextConvention", "FAMILIES", "family_of", "family_for_class", "get_family", "set_family",
            "denoise", "model_dtype", "compile_repeated_blocks", "prefers_channels_last",
            "region_compile_kwargs", "HEADS_KEY", "apply_attention_heads"]
 
 FAMILY_ATTR = "diffqat_family"
-#: config key of a converted CompVis UNet's per-module attention head counts (:func:`apply_attention_heads`)
-HEADS_KEY = "_compvis_attention_heads"
 # set (True) on a model compiled with CUDA graphs (performance.compile_mode): it is then run eagerly outside autograd
 CUDA_GRAPHS_ATTR = "diffqat_cuda_graphs"
 
@@ -398,23 +398,3 @@ def region_compile_kwargs(block: nn.Module, **compile_kwargs: Any) -> dict[str, 
     options = dict(list_mode_options(mode, kwargs.get("dynamic")) if mode not in (None, "default") else {})
     kwargs["options"] = options | dict(kwargs.get("options") or {}) | {"force_layout_optimization": True}
     return kwargs
-
-
-def apply_attention_heads(unet: nn.Module) -> int:
-    """Sets the head count of every attention module listed in ``unet.config[HEADS_KEY]``; returns how many.
-
-    diffusers' ``UNet2DModel`` has one ``attention_head_dim`` for all blocks, while a CompVis UNet configured with
-    ``num_heads`` keeps the head *count* fixed, so its head dim changes with the width of the level (LSUN churches
-    LDM-8: 8 heads of 24..96 channels). Such a UNet is saved with an ``attention_head_dim`` that divides every width
-    (so the projection shapes are right) and the true per-module head counts under :data:`HEADS_KEY`;
-    ``from_pretrained`` keeps that key in ``unet.config`` but does not apply it, so loaders must call this function
-    after loading (a no-op for every other model). The attention maths is then exactly CompVis'.
-    """
-    heads = dict(getattr(unet.config, HEADS_KEY, None) or {})
-    for name, count in heads.items():
-        attn = unet.get_submodule(name)
-        if attn.inner_dim % count:
-            raise ValueError(f"{HEADS_KEY}: {name} has {attn.inner_dim} channels, not divisible by {count} heads")
-        attn.heads = attn.sliceable_head_dim = int(count)
-        attn.scale = (attn.inner_dim // count) ** -0.5
-    return len(heads)
