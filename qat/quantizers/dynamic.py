@@ -101,18 +101,33 @@ class DynamicTokenQuantizer(Quantizer):
         logit = math.log(config.clip_init / (1.0 - config.clip_init))
         self.clip_logits = nn.Parameter(torch.full((config.clip_groups, 2), logit))
         self._group: Tensor | None = None
+        self._group_reused: Tensor | None = None  # a reuse=True call writes its groups into this one (kept on clear)
         self.mark_initialized()  # nothing to learn from data: the ranges are per call, the ratios start at clip_init
 
     # -- TimestepAware -----------------------------------------------------------------------------------------------
     def set_timestep(self, t: Tensor, call: TimestepCall | None = None) -> None:
-        """Selects the group of timestep values ``t`` (``()`` or ``(B,)``) for the next forwards."""
+        """Selects the group of timestep values ``t`` (``()`` or ``(B,)``) for the next forwards.
+
+        The group tensor is computed once per ``call`` for all quantizers with the same groups (``call.memo``); with
+        ``call.reuse`` it is written into the tensor of the previous call, so that a model compiled with CUDA graphs,
+        which reads module tensors from fixed addresses, replays its graphs instead of recording them again.
+        """
         c = self.config
         key = ("dynamic_token_group", c.clip_groups, c.num_train_timesteps)
         memo = call.memo if call is not None else {}
         if key not in memo:
-            memo[key] = timestep_group(torch.as_tensor(t).to(self.clip_logits.device), c.clip_groups,
-                                       c.num_train_timesteps)
+            group = timestep_group(torch.as_tensor(t).to(self.clip_logits.device), c.clip_groups,
+                                   c.num_train_timesteps)
+            memo[key] = self._in_place(group) if call is not None and call.reuse else group
         self._group = memo[key]
+
+    def _in_place(self, group: Tensor) -> Tensor:
+        """``group`` copied into the tensor this quantizer held last time (the first of its groups in a call)."""
+        old = self._group_reused
+        if old is not None and old.shape == group.shape and old.dtype == group.dtype and old.device == group.device:
+            return old.copy_(group)
+        self._group_reused = group
+        return group
 
     def clear_timestep(self) -> None:
         self._group = None

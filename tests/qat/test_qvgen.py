@@ -151,6 +151,31 @@ def test_dynamic_token_group_map_and_its_edges() -> None:
     torch.testing.assert_close(scalar, _dyn_ref(x, [3, 3], -1))
 
 
+def test_dynamic_token_groups_keep_their_tensor_across_reused_calls() -> None:
+    """``reuse=True`` (the trainer's student forward) writes each call's groups into one tensor (CUDA graphs read
+    module tensors at fixed addresses), with the values of a fresh call; without reuse every call has its own."""
+    model = nn.ModuleDict({"a": _dyn(-1), "b": _dyn(-1)})
+    fresh = copy.deepcopy(model)
+    x = torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(5))
+    seen = []
+    with torch.no_grad():
+        for t in (torch.tensor([0, 999]), torch.tensor([500, 20])):
+            with qat.timestep(model, t, reuse=True), qat.timestep(fresh, t):
+                seen.append(model["a"]._group)
+                assert model["b"]._group is model["a"]._group  # one tensor for the quantizers of a call
+                c = model["a"].config
+                assert torch.equal(model["a"]._group, timestep_group(t, c.clip_groups, c.num_train_timesteps))
+                for name in ("a", "b"):
+                    assert torch.equal(model[name](x), fresh[name](x))
+        assert seen[0] is seen[1]
+        with qat.timestep(model, torch.tensor([1, 2, 3]), reuse=True):  # another batch size: a new tensor
+            assert model["a"]._group is not seen[0] and model["a"]._group.shape == (3,)
+        with qat.timestep(model, torch.tensor([0, 999])):
+            first = model["a"]._group
+        with qat.timestep(model, torch.tensor([0, 999])):
+            assert model["a"]._group is not first
+
+
 def test_dynamic_token_batch_folded_sample_major() -> None:
     q = _dyn(-1)
     x = torch.randn(4, 3, 6, generator=torch.Generator().manual_seed(3))  # 2 samples x 2 frames, sample-major
