@@ -27,9 +27,9 @@ mid / up block, with ``torch.compile``; ``full`` the whole denoiser; ``none`` ea
 Per row and batch: milliseconds per denoiser call (``--warmup`` untimed calls, compilation included, then the median
 of ``--repeats`` timings of ``--steps`` calls each), images/s for a sampler of ``--sampling-steps`` calls per image
 (``B / (steps * latency)``, no CFG), the peak memory of the timed calls (``max_memory_allocated``, weights
-included), the compile time (the first call), and the relative L2 error of the output against its reference in
-float32: the float32 float model for ``bf16`` / ``ao_*``, the float32 fake reload of the export for DiffQAT's rows.
-``--profile`` writes, per row at the largest batch, the profiler's kernel table (top CUDA time) to
+included), the compile time (the first denoiser invocation), and the relative L2 error of the output against its
+reference in float32: the float32 float model for ``bf16`` / ``ao_*``, the float32 fake reload of the export for
+DiffQAT's rows. ``--profile`` writes, per row at the largest batch, the profiler's kernel table (top CUDA time) to
 ``--out``'s folder. Rows print as they finish and are appended to ``--out`` (JSON lines).
 """
 
@@ -161,7 +161,8 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def timed(fn: Callable[[], Any], warmup: int, steps: int, repeats: int, device: torch.device) -> tuple[float, float]:
-    """(seconds of the first call, median seconds per call over ``repeats`` timings of ``steps`` calls)."""
+    """(seconds of the first invocation of ``fn``, median seconds per invocation over ``repeats`` timings of
+    ``steps`` invocations)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     start = time.perf_counter()
     fn()
